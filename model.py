@@ -1,0 +1,466 @@
+"""wav2vec 1.0 (Schneider et al. 2019): encoder, causal context network and contrastive objective.
+
+Shapes are channels-first: waveform wav (B, L) at 16 kHz, features z and c (B, C, T), one frame per
+10 ms. See ../shared/docs/DESIGN.md for where the paper and fairseq differ and what we chose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LayerSpec = tuple[int, int, int]  # (channels, kernel, stride)
+
+
+class UserError(Exception):
+    """An error the user caused and can fix; command-line tools print its message without a trace."""
+
+
+ENCODER_BASE: tuple[LayerSpec, ...] = ((512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2))
+
+
+@dataclass(frozen=True)
+class Wav2VecConfig:
+    """Every architectural and objective choice; checkpoints store it as a plain dict."""
+
+    encoder_layers: tuple[LayerSpec, ...] = ENCODER_BASE
+    context_layers: tuple[LayerSpec, ...] = ((512, 3, 1),) * 9
+    norm: str = "group"  # "group": over channels and time (paper); "layer": per frame, strictly causal
+    causal_padding: str = "replicate"  # "replicate" the first frame (fairseq) or "zero"
+    skip_connections: bool = False  # residual around every context layer (wav2vec large)
+    residual_scale: float = 0.5  # the residual sum is scaled by sqrt(residual_scale), as in fairseq
+    log_compression: bool = False  # z = log(1 + |z|) after the encoder (wav2vec large)
+    prediction_steps: int = 12  # K
+    offset: int | str = "auto"  # first predicted frame is t + offset; "auto" = ceil(receptive field / stride)
+    num_negatives: int = 10  # distractors from the same utterance, per target frame
+    cross_negatives: int = 0  # extra distractors from anywhere in the batch
+    loss_type: str = "contrastive"  # "contrastive" (binary, paper eq. 1) or "infonce"
+
+    def __post_init__(self) -> None:
+        choices = {"norm": ("group", "layer"), "causal_padding": ("replicate", "zero"),
+                   "loss_type": ("contrastive", "infonce")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}.")
+        if self.offset != "auto" and not (isinstance(self.offset, int) and self.offset >= 0):
+            raise UserError(f"offset must be 'auto' or a non-negative integer, not {self.offset!r}.")
+        if self.prediction_steps < 1 or self.num_negatives + self.cross_negatives < 1:
+            raise UserError("prediction_steps and the number of negatives must be at least 1.")
+
+    @classmethod
+    def preset(cls, name: str, channels: int = 512, **overrides) -> Wav2VecConfig:
+        """The paper's base model ("wav2vec") or the released large model ("wav2vec_large")."""
+        if name not in PRESETS:
+            raise UserError(f"Unknown model {name!r}: choose one of {sorted(PRESETS)}.")
+        config = PRESETS[name]
+        config = replace(config, encoder_layers=_with_width(config.encoder_layers, channels),
+                         context_layers=_with_width(config.context_layers, channels))
+        return replace(config, **overrides)
+
+    def to_dict(self) -> dict:
+        """A plain dict of builtins (lists, ints, strs), safe for torch.load(weights_only=True)."""
+        d = asdict(self)
+        d["encoder_layers"] = [list(layer) for layer in self.encoder_layers]
+        d["context_layers"] = [list(layer) for layer in self.context_layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Wav2VecConfig:
+        """Inverse of to_dict; unknown keys are an error so that a foreign dict is not half-read."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"Unknown model config keys {sorted(unknown)}: "
+                            "was this checkpoint saved by another version?")
+        d = dict(d)
+        for key in ("encoder_layers", "context_layers"):
+            if key in d:
+                d[key] = tuple(tuple(int(v) for v in layer) for layer in d[key])
+        return cls(**d)
+
+    @property
+    def stride(self) -> int:
+        """Samples per frame (160 = 10 ms at 16 kHz for the presets)."""
+        return math.prod(s for _, _, s in self.encoder_layers)
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples seen by one encoder frame (465 for the presets)."""
+        field, jump = 1, 1
+        for _, k, s in self.encoder_layers:
+            field += (k - 1) * jump
+            jump *= s
+        return field
+
+    @property
+    def resolved_offset(self) -> int:
+        # "auto" (fairseq): the first target z(t + offset) shares no input samples with z(t), the last
+        # frame c(t) has seen: ceil(465 / 160) = 3 for the presets.
+        if self.offset == "auto":
+            return math.ceil(self.receptive_field / self.stride)
+        return int(self.offset)
+
+
+def _with_width(layers: tuple[LayerSpec, ...], channels: int) -> tuple[LayerSpec, ...]:
+    return tuple((channels, k, s) for _, k, s in layers)
+
+
+PRESETS = {
+    # The paper's base: 5 encoder layers, 9 causal context layers of kernel 3 (15,491,072 parameters).
+    "wav2vec": Wav2VecConfig(),
+    # The released wav2vec_large.pt: two extra pointwise encoder layers, 12 context layers of kernel
+    # 2..13 with skip connections, log compression (32,537,088 parameters).
+    "wav2vec_large": Wav2VecConfig(
+        encoder_layers=ENCODER_BASE + ((512, 1, 1),) * 2,
+        context_layers=tuple((512, k, 1) for k in range(2, 14)),
+        skip_connections=True,
+        log_compression=True,
+    ),
+}
+
+
+class Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 under autocast: statistics over a whole crop overflow in fp16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                                self.eps).type_as(x)
+
+
+class FrameLayerNorm(nn.LayerNorm):
+    """LayerNorm over channels of each frame separately, so no statistic looks at the future."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.layer_norm(x.float().transpose(1, 2), self.normalized_shape, self.weight.float(),
+                             self.bias.float(), self.eps)
+        return y.transpose(1, 2).type_as(x)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    return Fp32GroupNorm(1, channels) if kind == "group" else FrameLayerNorm(channels)
+
+
+class ConvBlock(nn.Module):
+    """Conv1d, normalization, ReLU; optional left-only padding makes it causal."""
+
+    def __init__(self, c_in: int, spec: LayerSpec, norm: str, causal_padding: str | None, bias: bool):
+        super().__init__()
+        c_out, k, s = spec
+        self.left_pad, self.padding_mode = (k - 1, causal_padding) if causal_padding else (0, None)
+        self.conv = nn.Conv1d(c_in, c_out, k, stride=s, bias=bias)
+        self.norm = make_norm(norm, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.left_pad:
+            mode = "replicate" if self.padding_mode == "replicate" else "constant"
+            x = F.pad(x, (self.left_pad, 0), mode=mode)
+        return F.relu(self.norm(self.conv(x)))
+
+
+class Encoder(nn.Module):
+    """f: waveform (B, L) -> latent z (B, C, T); valid convolutions, total stride 160."""
+
+    def __init__(self, config: Wav2VecConfig):
+        super().__init__()
+        channels = [1] + [c for c, _, _ in config.encoder_layers]
+        self.layers = nn.ModuleList(
+            ConvBlock(c_in, spec, config.norm, causal_padding=None, bias=False)
+            for c_in, spec in zip(channels, config.encoder_layers, strict=False)
+        )
+        self.log_compression = config.log_compression
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        x = wav.unsqueeze(1)
+        for layer in self.layers:
+            x = layer(x)
+        return torch.log1p(x.abs()) if self.log_compression else x
+
+
+class ContextNetwork(nn.Module):
+    """g: z (B, C, T) -> c (B, C, T); causal convolutions, optional scaled skip connections."""
+
+    def __init__(self, config: Wav2VecConfig):
+        super().__init__()
+        channels = [config.encoder_layers[-1][0]] + [c for c, _, _ in config.context_layers]
+        self.layers = nn.ModuleList(
+            ConvBlock(c_in, spec, config.norm, config.causal_padding, bias=True)
+            for c_in, spec in zip(channels, config.context_layers, strict=False)
+        )
+        # A 1x1 projection carries the residual only where a layer changes the width.
+        self.residual_proj = nn.ModuleList(
+            nn.Conv1d(c_in, c_out, 1, bias=False) if config.skip_connections and c_in != c_out
+            else nn.Identity()
+            for c_in, (c_out, _, _) in zip(channels, config.context_layers, strict=False)
+        )
+        self.skip_connections = config.skip_connections
+        self.residual_scale = math.sqrt(config.residual_scale)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = z
+        for layer, proj in zip(self.layers, self.residual_proj, strict=True):
+            y = layer(x)
+            x = (y + proj(x)) * self.residual_scale if self.skip_connections else y
+        return x
+
+
+class StepPredictions(nn.Module):
+    """h_k(c) = W_k c + b for k = 1..K in one matmul; one bias shared by all steps, as in fairseq."""
+
+    def __init__(self, context_dim: int, latent_dim: int, steps: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(steps, latent_dim, context_dim))
+        self.bias = nn.Parameter(torch.zeros(latent_dim))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        """c: (B, C, T) -> predictions (B, T, K, C_z)."""
+        steps, c_out, c_in = self.weight.shape
+        out = c.transpose(1, 2) @ self.weight.reshape(steps * c_out, c_in).t()
+        return out.unflatten(-1, (steps, c_out)) + self.bias
+
+
+def sample_distractors(batch: int, frames: int, n: int, device: torch.device | str = "cpu",
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, n, T) frame indices, uniform over the other frames of the same utterance (never the positive)."""
+    if frames < 2:
+        raise UserError("An utterance needs at least 2 frames to draw distractors from; use longer crops.")
+    draws = torch.randint(0, frames - 1, (batch, n, frames), device=device, generator=generator)
+    positive = torch.arange(frames, device=device)
+    return draws + (draws >= positive).long()  # skip over the positive: uniform over the other T-1
+
+
+def sample_cross_distractors(batch: int, frames: int, n: int, device: torch.device | str = "cpu",
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, n, T) indices into the batch's B*T frames (b * T + t), never the positive itself."""
+    total = batch * frames
+    if total < 2:
+        raise UserError("Cross-utterance distractors need at least 2 frames in the batch.")
+    draws = torch.randint(0, total - 1, (batch, n, frames), device=device, generator=generator)
+    positive = torch.arange(total, device=device).view(batch, 1, frames)
+    return draws + (draws >= positive).long()
+
+
+class Wav2Vec(nn.Module):
+    """Encoder, context network and step-specific predictions, trained with a contrastive loss."""
+
+    def __init__(self, config: Wav2VecConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.context = ContextNetwork(config)
+        self.predictions = StepPredictions(config.context_layers[-1][0], config.encoder_layers[-1][0],
+                                           config.prediction_steps)
+        self.apply(_init_weights)
+        nn.init.xavier_uniform_(self.predictions.weight)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.config.receptive_field
+
+    def num_frames(self, length: int) -> int:
+        """Frames the encoder outputs for `length` samples (0 if too short for one frame)."""
+        for _, k, s in self.config.encoder_layers:
+            if length < k:
+                return 0
+            length = (length - k) // s + 1
+        return length
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, wav: torch.Tensor, negatives: torch.Tensor | None = None,
+                cross_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """wav (B, L) -> (loss in nats, metrics). `negatives` (B, N, T) pins the in-utterance distractor
+        frames; `cross_negatives` (B, N', T) the cross-utterance ones (indices b * T + t)."""
+        z = self.encoder(wav)
+        c = self.context(z)
+        return self.objective(z, c, negatives, cross_negatives)
+
+    @torch.no_grad()
+    def extract_features(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
+        """wav (B, L) or (L,) -> {"z": (B, C, T), "c": (B, C, T)}; no gradients, no loss work."""
+        if wav.dim() == 1:
+            wav = wav.unsqueeze(0)
+        if wav.dim() != 2:
+            raise UserError(f"Expected a waveform of shape (B, L) or (L,), got {tuple(wav.shape)}.")
+        if self.num_frames(wav.shape[-1]) < 1:
+            raise UserError(f"Audio of {wav.shape[-1]} samples is shorter than one frame "
+                            f"({self.receptive_field} samples at 16 kHz).")
+        param = next(self.parameters())
+        z = self.encoder(wav.to(device=param.device, dtype=param.dtype))
+        return {"z": z, "c": self.context(z)}
+
+    def objective(self, z: torch.Tensor, c: torch.Tensor, negatives: torch.Tensor | None = None,
+                  cross_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Score c(t) against z(t + offset + k) and its distractors for every step k, without loops."""
+        B, _, T = z.shape
+        cfg = self.config
+        offset = cfg.resolved_offset
+        if T <= offset:
+            raise UserError(f"A crop of {T} frames leaves nothing to predict at offset {offset}; "
+                            "use longer segments.")
+        candidates = self._candidate_frames(B, T, z.device, negatives, cross_negatives)  # (B, T, J)
+        predictions = self.predictions(c)  # (B, T, K, C)
+        steps = min(cfg.prediction_steps, T - offset)
+        # Row u holds the predictions made for target frame u: step k comes from context frame u - offset - k.
+        source = torch.arange(T, device=z.device).view(T, 1) - offset - torch.arange(steps, device=z.device)
+        valid = source >= 0  # (T, K)
+        predictions = predictions[:, source.clamp(min=0), torch.arange(steps, device=z.device)]
+        with torch.autocast(z.device.type, enabled=False):
+            targets = _at_least_fp32(z).transpose(1, 2).reshape(B * T, -1)[candidates]  # (B, T, J, C)
+            scores = _at_least_fp32(predictions) @ targets.transpose(-1, -2)  # (B, T, K, J)
+            return self._loss_and_metrics(scores, valid)
+
+    def _candidate_frames(self, B: int, T: int, device: torch.device, negatives: torch.Tensor | None,
+                          cross_negatives: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, 1 + N + N') indices into the flattened (B*T) frames: the positive, then distractors."""
+        cfg = self.config
+        if negatives is None:
+            negatives = sample_distractors(B, T, cfg.num_negatives, device)
+        if cross_negatives is None and cfg.cross_negatives:
+            cross_negatives = sample_cross_distractors(B, T, cfg.cross_negatives, device)
+        utterance_start = (torch.arange(B, device=device) * T).view(B, 1, 1)
+        parts = [torch.arange(B * T, device=device).view(B, 1, T), negatives.to(device) + utterance_start]
+        if cross_negatives is not None:
+            parts.append(cross_negatives.to(device))
+        return torch.cat(parts, dim=1).transpose(1, 2)
+
+    def _loss_and_metrics(self, scores: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """scores (B, T, K, J) with the positive at j = 0; valid (T, K) marks positions with a context."""
+        mask = valid.expand(scores.shape[0], -1, -1)
+        scores = scores[mask]  # (P, J) for the P scored positions
+        if self.config.loss_type == "contrastive":
+            # -log sigmoid(s_pos) - sum_n log sigmoid(-s_neg), summed, divided by the number of positives.
+            per_position = F.softplus(-scores[:, 0]) + F.softplus(scores[:, 1:]).sum(-1)
+        else:
+            labels = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
+            per_position = F.cross_entropy(scores, labels, reduction="none")
+        loss = per_position.mean()
+        # Correct only when the positive is strictly highest, by more than float rounding: a collapsed
+        # model (all scores equal up to the matmul's summation order) must score 0, not 1.
+        margin = scores[:, 0] - scores[:, 1:].max(-1).values
+        correct = margin > 1e-5 * scores.abs().amax(-1)
+        correct_grid = torch.zeros(mask.shape, device=scores.device)
+        correct_grid[mask] = correct.float()
+        per_step = correct_grid.sum((0, 1)) / mask.sum((0, 1)).clamp(min=1)
+        metrics = {"loss_bits": loss.detach() / math.log(2), "accuracy": correct.float().mean(),
+                   "accuracy_per_step": per_step}
+        return loss, metrics
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Wav2Vec:
+        """A model in eval mode from a checkpoint of this repository or of fairseq's wav2vec 1.0."""
+        config, state_dict = load_checkpoint_weights(path, map_location)
+        model = cls(config)
+        model.load_state_dict(state_dict)
+        return model.to(map_location).eval()
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Xavier (Glorot) uniform for every convolution, zero biases: the seed README's choice. The norm
+    # after each conv makes the outcome insensitive to the gain.
+    if isinstance(module, nn.Conv1d):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2VecConfig, dict]:
+    """(config, state dict) from a checkpoint file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"No checkpoint at {path}: check the path, or train one with `python main.py`.")
+    try:
+        # argparse.Namespace is how 2019 fairseq checkpoints store their arguments.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling refuses foreign classes; report, never execute them
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a wav2vec checkpoint this repository can load safely "
+                        f"({reason}).") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} does not hold a checkpoint dict; expected one written by main.py.")
+    if "config" in ckpt and "model" in ckpt and isinstance(ckpt["config"], dict):
+        return Wav2VecConfig.from_dict(ckpt["config"]), ckpt["model"]
+    if "model" in ckpt and ("args" in ckpt or "cfg" in ckpt):
+        return convert_fairseq_checkpoint(ckpt)
+    raise UserError(f"{path} is neither a checkpoint of this repository nor a fairseq wav2vec checkpoint.")
+
+
+# ----- fairseq wav2vec 1.0 checkpoints -----------------------------------------------------------
+
+def fairseq_config(args: dict) -> Wav2VecConfig:
+    """Translate fairseq's wav2vec arguments into a Wav2VecConfig, refusing what we cannot represent."""
+    arch = args.get("arch", args.get("_name", "wav2vec"))
+    if args.get("vq_type", "none") not in (None, "none") or "vq" in str(arch):
+        raise UserError("This is a vq-wav2vec checkpoint (vq_type is set); only wav2vec 1.0 is supported.")
+    if args.get("aggregator", "cnn") != "cnn":
+        raise UserError(f"aggregator={args['aggregator']!r} (a GRU context network) is not supported; "
+                        "only the convolutional one ('cnn') is.")
+    if args.get("skip_connections_feat", False):
+        raise UserError("skip_connections_feat=True (encoder skip connections) is not supported.")
+    if args.get("project_features", "none") not in (None, "none"):
+        raise UserError(f"project_features={args['project_features']!r} is not supported; only 'none'.")
+    if args.get("non_affine_group_norm", False):
+        raise UserError("non_affine_group_norm=True is not supported; only affine GroupNorm is.")
+    if args.get("feature_aggregator_type", "cnn") != "cnn":
+        raise UserError("Only the convolutional feature aggregator is supported.")
+    offset = args.get("offset", "auto")
+    return Wav2VecConfig(
+        encoder_layers=tuple(ast.literal_eval(args["conv_feature_layers"])),
+        context_layers=tuple(ast.literal_eval(args["conv_aggregator_layers"])),
+        causal_padding="zero" if args.get("agg_zero_pad", False) else "replicate",
+        skip_connections=bool(args.get("skip_connections_agg", False)),
+        residual_scale=float(args.get("residual_scale", 0.5)),
+        log_compression=bool(args.get("log_compression", False)),
+        prediction_steps=int(args.get("prediction_steps", 12)),
+        offset=offset if offset == "auto" else int(offset),
+        num_negatives=int(args.get("num_negatives", 10)),
+        cross_negatives=int(args.get("cross_sample_negatives", 0)),
+        loss_type="infonce" if args.get("infonce", False) else "contrastive",
+    )
+
+
+def fairseq_state_dict(fairseq: dict) -> dict:
+    """Rename fairseq's wav2vec state dict to this repository's names and layouts."""
+    ours = {}
+    for name, tensor in fairseq.items():
+        parts = name.split(".")
+        if name.startswith("feature_extractor.conv_layers."):
+            i, j, leaf = parts[2], parts[3], parts[4]
+            ours[f"encoder.layers.{i}.{ {'0': 'conv', '2': 'norm'}[j] }.{leaf}"] = tensor
+        elif name.startswith("feature_aggregator.conv_layers."):
+            i, j, leaf = parts[2], parts[3], parts[4]
+            ours[f"context.layers.{i}.{ {'1': 'conv', '3': 'norm'}[j] }.{leaf}"] = tensor
+        elif name.startswith("feature_aggregator.residual_proj."):
+            ours[f"context.residual_proj.{parts[2]}.{parts[3]}"] = tensor
+        elif name == "wav2vec_predictions.project_to_steps.weight":
+            # ConvTranspose2d weight [C_in, C_out, 1, K] -> one (C_out, C_in) matrix per step.
+            ours["predictions.weight"] = tensor.squeeze(2).permute(2, 1, 0).contiguous()
+        elif name == "wav2vec_predictions.project_to_steps.bias":
+            ours["predictions.bias"] = tensor
+        else:
+            raise UserError(f"Unexpected parameter {name!r} in the fairseq checkpoint; "
+                            "only wav2vec 1.0 models are supported.")
+    return ours
+
+
+def convert_fairseq_checkpoint(ckpt: dict) -> tuple[Wav2VecConfig, dict]:
+    """(config, state dict) from a fairseq checkpoint dict with `args` (2019) or `cfg` (newer)."""
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(ckpt.get("cfg", {}).get("model", {}))
+    if not args:
+        raise UserError("The fairseq checkpoint has neither `args` nor `cfg.model`; cannot read its config.")
+    return fairseq_config(args), fairseq_state_dict(ckpt["model"])

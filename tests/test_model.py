@@ -1,0 +1,242 @@
+"""The wav2vec model, its objective and the feature-extraction API, on tiny configs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (
+    UserError,
+    Wav2Vec,
+    Wav2VecConfig,
+    sample_cross_distractors,
+    sample_distractors,
+)
+
+
+def tiny(**overrides) -> Wav2Vec:
+    torch.manual_seed(0)
+    return Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=32, **overrides))
+
+
+@pytest.mark.parametrize("preset", ["wav2vec", "wav2vec_large"])
+def test_frame_count_equals_real_output_length(preset):
+    model = Wav2Vec(Wav2VecConfig.preset(preset, channels=8))
+    for length in [465, 466, 624, 625, 1000, 1599, 1600, 16000, 32000, 32159, 32160]:
+        z = model.encoder(torch.zeros(1, length))
+        assert z.shape[-1] == model.num_frames(length), length
+    assert model.num_frames(16000) == 98 and model.num_frames(32000) == 198
+    assert model.num_frames(464) == 0
+
+
+@pytest.mark.parametrize("preset, expected", [("wav2vec", 15_491_072), ("wav2vec_large", 32_537_088)])
+def test_parameter_count_of_presets_at_512_channels(preset, expected):
+    assert Wav2Vec(Wav2VecConfig.preset(preset)).num_parameters() == expected
+
+
+def test_auto_offset_is_receptive_field_over_stride():
+    config = Wav2VecConfig.preset("wav2vec")
+    assert (config.receptive_field, config.stride, config.resolved_offset) == (465, 160, 3)
+    assert Wav2VecConfig.preset("wav2vec", offset=1).resolved_offset == 1
+
+
+def test_channels_override_scales_every_width():
+    config = Wav2VecConfig.preset("wav2vec_large", channels=64)
+    assert {c for c, _, _ in config.encoder_layers + config.context_layers} == {64}
+
+
+def test_config_round_trips_through_a_plain_dict():
+    config = Wav2VecConfig.preset("wav2vec_large", channels=48, loss_type="infonce", offset=2,
+                                  norm="layer", causal_padding="zero", cross_negatives=3)
+    d = config.to_dict()
+    assert all(isinstance(layer, list) for layer in d["encoder_layers"])
+    assert Wav2VecConfig.from_dict(d) == config
+
+
+def test_config_rejects_unknown_choices_with_a_clear_error():
+    with pytest.raises(UserError, match="loss_type"):
+        Wav2VecConfig(loss_type="triplet")
+    with pytest.raises(UserError, match="Unknown model"):
+        Wav2VecConfig.preset("wav2vec3")
+
+
+def test_context_is_causal_with_layer_norm():
+    # With per-frame LayerNorm nothing looks ahead: changing samples from `cut` on leaves every
+    # c(t) whose input window ends before `cut` untouched.
+    model = tiny(norm="layer").eval()
+    wav = torch.randn(1, 8000)
+    cut = 4000
+    changed = wav.clone()
+    changed[:, cut:] = torch.randn(1, 8000 - cut)
+    c1, c2 = model.extract_features(wav)["c"], model.extract_features(changed)["c"]
+    last_clean = (cut - model.receptive_field) // model.config.stride  # window [160 t, 160 t + 465)
+    assert torch.equal(c1[..., : last_clean + 1], c2[..., : last_clean + 1])
+    assert not torch.allclose(c1[..., last_clean + 1:], c2[..., last_clean + 1:])
+
+
+def test_group_norm_context_sees_the_future_through_its_statistics():
+    # GroupNorm (the paper's default) normalizes over the whole crop, so a change at the end moves
+    # early frames slightly: documented, and why norm="layer" exists for streaming use.
+    model = tiny(norm="group").eval()
+    wav = torch.randn(1, 8000)
+    changed = wav.clone()
+    changed[:, 6000:] *= 10
+    c1, c2 = model.extract_features(wav)["c"], model.extract_features(changed)["c"]
+    assert not torch.allclose(c1[..., :5], c2[..., :5])
+
+
+def test_distractors_never_equal_the_positive():
+    generator = torch.Generator().manual_seed(0)
+    for frames in [2, 3, 17, 200]:
+        draws = sample_distractors(4, frames, 10, generator=generator)
+        positive = torch.arange(frames).view(1, 1, frames)
+        assert draws.shape == (4, 10, frames)
+        assert not (draws == positive).any()
+        assert draws.min() >= 0 and draws.max() < frames  # inside the utterance
+
+
+def test_distractors_are_uniform_over_the_other_frames():
+    draws = sample_distractors(64, 5, 50, generator=torch.Generator().manual_seed(1))
+    counts = torch.stack([(draws[..., 2] == f).sum() for f in range(5)]).float()
+    assert counts[2] == 0
+    others = counts[[0, 1, 3, 4]] / counts.sum()
+    assert torch.allclose(others, torch.full((4,), 0.25), atol=0.03)
+
+
+def test_cross_distractors_index_the_batch_and_skip_the_positive():
+    B, T = 3, 7
+    draws = sample_cross_distractors(B, T, 20, generator=torch.Generator().manual_seed(0))
+    own = (torch.arange(B) * T).view(B, 1, 1) + torch.arange(T).view(1, 1, T)
+    assert not (draws == own).any()
+    assert draws.min() >= 0 and draws.max() < B * T
+    assert (draws // T != torch.arange(B).view(B, 1, 1)).any()  # some come from other utterances
+
+
+def hand_scores(model: Wav2Vec, z, c, negatives):
+    """Scores, one step and position at a time, the way the paper writes it."""
+    cfg = model.config
+    W, b = model.predictions.weight, model.predictions.bias
+    B, _, T = z.shape
+    rows = []
+    for k in range(min(cfg.prediction_steps, T - cfg.resolved_offset)):
+        for bi in range(B):
+            for t in range(T - cfg.resolved_offset - k):
+                u = t + cfg.resolved_offset + k
+                h = W[k] @ c[bi, :, t] + b
+                candidates = [u] + negatives[bi, :, u].tolist()
+                rows.append(torch.stack([h @ z[bi, :, j] for j in candidates]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("loss_type", ["contrastive", "infonce"])
+def test_loss_equals_a_hand_computation(loss_type):
+    model = tiny(prediction_steps=3, num_negatives=4, loss_type=loss_type).double()
+    z = torch.randn(2, 32, 9, dtype=torch.double)
+    c = torch.randn(2, 32, 9, dtype=torch.double)
+    negatives = sample_distractors(2, 9, 4, generator=torch.Generator().manual_seed(0))
+    loss, _ = model.objective(z, c, negatives)
+    s = hand_scores(model, z, c, negatives)
+    if loss_type == "contrastive":
+        expected = -(F.logsigmoid(s[:, 0]).sum() + F.logsigmoid(-s[:, 1:]).sum()) / len(s)
+    else:
+        expected = -(s[:, 0] - torch.logsumexp(s, dim=1)).mean()
+    assert torch.allclose(loss, expected, rtol=1e-10)
+
+
+def test_accuracy_counts_positions_where_the_positive_scores_highest():
+    model = tiny(prediction_steps=2, num_negatives=3).double()
+    z, c = torch.randn(2, 32, 12, dtype=torch.double), torch.randn(2, 32, 12, dtype=torch.double)
+    negatives = sample_distractors(2, 12, 3, generator=torch.Generator().manual_seed(0))
+    _, metrics = model.objective(z, c, negatives)
+    s = hand_scores(model, z, c, negatives)
+    expected = (s[:, 0] > s[:, 1:].max(1).values).double().mean()  # no ties with random features
+    assert torch.isclose(metrics["accuracy"].double(), expected)
+    assert metrics["accuracy_per_step"].shape == (2,)
+    assert torch.isclose(metrics["loss_bits"], _ / math.log(2))
+
+
+def test_collapsed_features_score_zero_accuracy():
+    model = tiny()
+    z = torch.ones(2, 32, 40)
+    _, metrics = model.objective(z, torch.ones(2, 32, 40))
+    assert metrics["accuracy"] == 0
+    assert (metrics["accuracy_per_step"] == 0).all()
+
+
+def test_steps_are_capped_by_the_crop_length():
+    model = tiny()  # K = 12, offset 3
+    _, metrics = model(torch.randn(2, 1600))  # 8 frames leave 5 steps
+    assert metrics["accuracy_per_step"].shape == (5,)
+    with pytest.raises(UserError, match="longer segments"):
+        model(torch.randn(2, 800))  # 3 frames: nothing to predict at offset 3
+
+
+def test_cross_utterance_negatives_add_candidates():
+    model = tiny(num_negatives=2, cross_negatives=3)
+    loss, metrics = model(torch.randn(3, 4000))
+    assert torch.isfinite(loss) and metrics["accuracy"] <= 1
+
+
+def test_a_few_optimizer_steps_on_one_batch_lower_the_loss():
+    model = tiny()
+    wav = torch.randn(4, 8000)
+    negatives = sample_distractors(4, model.num_frames(8000), 10, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = model(wav, negatives)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_scores_and_loss_stay_fp32_under_bf16_autocast():
+    model = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(torch.randn(2, 4000))
+        z = model.encoder(torch.randn(2, 4000))
+    assert loss.dtype == torch.float32
+    assert z.dtype == torch.bfloat16  # the convolutions themselves do run in bf16
+
+
+def test_extract_features_shapes_for_batched_and_single_waveforms():
+    model = tiny().eval()
+    feats = model.extract_features(torch.randn(3, 5000))
+    T = model.num_frames(5000)
+    assert feats["z"].shape == feats["c"].shape == (3, 32, T)
+    assert model.extract_features(torch.randn(5000))["c"].shape == (1, 32, T)
+    assert model.extract_features(torch.randn(model.receptive_field))["c"].shape == (1, 32, 1)
+    assert not feats["c"].requires_grad
+
+
+def test_extract_features_rejects_audio_shorter_than_one_frame():
+    with pytest.raises(UserError, match="shorter than one frame"):
+        tiny().extract_features(torch.randn(400))
+
+
+def test_from_pretrained_reproduces_extract_features(tmp_path):
+    model = tiny(norm="layer").eval()
+    path = tmp_path / "tiny.pt"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "step": 3}, path)
+    loaded = Wav2Vec.from_pretrained(path)
+    wav = torch.randn(2, 6000)
+    assert not loaded.training
+    assert loaded.config == model.config
+    assert torch.equal(loaded.extract_features(wav)["c"], model.extract_features(wav)["c"])
+
+
+def test_from_pretrained_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="No checkpoint at"):
+        Wav2Vec.from_pretrained(tmp_path / "nope.pt")
+
+
+def test_from_pretrained_foreign_file_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="not a wav2vec checkpoint"):
+        Wav2Vec.from_pretrained(tmp_path / "notes.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="neither a checkpoint of this repository"):
+        Wav2Vec.from_pretrained(tmp_path / "other.pt")
