@@ -276,6 +276,30 @@ class Wav2Vec(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def forward_flops(self, length: int, objective: bool = True) -> dict[str, int]:
+        """Analytic matmul/conv FLOPs (2 per multiply-add) of one forward pass on `length` samples,
+        by part; `objective=False` counts feature extraction only. A training step costs about 3x."""
+        cfg = self.config
+        frames, c_in, encoder = length, 1, 0
+        for c_out, k, s in cfg.encoder_layers:
+            frames = (frames - k) // s + 1
+            encoder += 2 * c_in * c_out * k * frames
+            c_in = c_out
+        context = 0
+        for c_out, k, _ in cfg.context_layers:
+            context += 2 * c_in * c_out * k * frames
+            if cfg.skip_connections and c_in != c_out:
+                context += 2 * c_in * c_out * frames
+            c_in = c_out
+        flops = {"encoder": encoder, "context": context}
+        if objective:
+            c_z, steps = cfg.encoder_layers[-1][0], cfg.prediction_steps
+            candidates = 1 + cfg.num_negatives + cfg.cross_negatives
+            flops["prediction"] = 2 * c_in * c_z * steps * frames
+            used_steps = max(0, min(steps, frames - cfg.resolved_offset))
+            flops["scores"] = 2 * frames * used_steps * c_z * candidates
+        return flops
+
     def forward(self, wav: torch.Tensor, negatives: torch.Tensor | None = None,
                 cross_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """wav (B, L) -> (loss in nats, metrics). `negatives` (B, N, T) pins the in-utterance distractor

@@ -240,3 +240,14 @@ def test_from_pretrained_foreign_file_is_a_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="neither a checkpoint of this repository"):
         Wav2Vec.from_pretrained(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("preset", ["wav2vec", "wav2vec_large"])
+def test_analytic_flops_equal_the_flop_counter(preset):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = Wav2Vec(Wav2VecConfig.preset(preset, cross_negatives=2))
+    for objective, run in [(True, model), (False, model.extract_features)]:
+        with FlopCounterMode(display=False) as counter:
+            run(torch.randn(2, 4000))
+        assert counter.get_total_flops() == 2 * sum(model.forward_flops(4000, objective).values())
