@@ -1,0 +1,341 @@
+"""Linear probe: how well do frozen features separate labelled audio, against MFCCs and a random network?
+
+    python probe.py --data-dir DIR --labels LABELS --features mfcc|random|CKPT --json OUT.json
+                    [--group-column COLUMN] [--layer c|z] [--pool mean|mean+std] [--split cv|fsdd-official]
+    python probe.py --data-dir DIR --frame-level --features ... --json OUT.json
+
+Features are pooled over each file (or, with --frame-level, kept per 10 ms frame), standardised, and
+fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
+- --features: `mfcc` (13 MFCCs + deltas, 25 ms window every 10 ms), `random` (the base wav2vec config,
+  randomly initialised with --seed) or the path of a checkpoint (ours or fairseq's).
+- --labels: a TSV whose header has `path` (relative to --data-dir) and `label`; `folder` (each file's
+  sub-folder); `pattern:REGEX` (a regular expression on the file name with a named group `label`);
+  `fsdd-digit` / `fsdd-speaker` (FSDD names `{digit}_{speaker}_{index}.wav`). Files without a label
+  are skipped.
+- Evaluation: stratified k-fold by default; --group-column COLUMN (a TSV column or a named group of the
+  pattern, e.g. `speaker` with the fsdd shortcuts) leaves one group out per fold; --split fsdd-official
+  trains on FSDD repetitions 5-49 and tests on 0-4.
+- --frame-level: one label per 10 ms frame from `<name>.frames.npy` beside each `<name>.wav` (label t
+  covers samples [160 t, 160 t + 160), as data.make_demo_corpus writes them); a feature frame takes the
+  label at its centre (wav2vec frame t covers samples [160 t, 160 t + 465), an MFCC frame
+  [160 t, 160 t + 400)); folds group frames by file so that no file is on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from data import find_audio_files
+from features import LAYERS, MFCC_WINDOW, FramesOf, file_frames, mfcc, model_features, pool
+from model import UserError, Wav2Vec, Wav2VecConfig
+from utils import FSDD_PATTERN, labels_for_files, resolve_device, run_cli, setup_logging
+
+log = logging.getLogger(__name__)
+
+# Label shortcuts: a source for utils.labels_for_files and the column (or pattern group) that holds the label.
+FSDD_SOURCE = f"pattern:{FSDD_PATTERN}"
+SHORTCUTS = {"fsdd-digit": (FSDD_SOURCE, "digit"), "fsdd-speaker": (FSDD_SOURCE, "speaker")}
+FSDD_TEST_REPETITIONS = 5  # official split: repetitions 0-4 test, 5-49 train
+FRAME_HOP = 160  # samples per 10 ms: the hop of wav2vec and MFCC frames and the span of one frame label
+
+
+@dataclass
+class Examples:
+    """A probe's data: features X (N, D), labels y (N,), each row's file index, and an optional test mask."""
+
+    X: np.ndarray
+    y: np.ndarray
+    file_index: np.ndarray
+    groups: np.ndarray | None = None  # (N,) group of each row for leave-one-group-out
+    test_mask: np.ndarray | None = None  # (N,) True for rows of a fixed test split
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data and labels")
+    data.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
+    data.add_argument("--labels", help="TSV path, folder, pattern:REGEX, fsdd-digit or fsdd-speaker "
+                                       "(not with --frame-level: those labels sit beside the audio)")
+    data.add_argument("--group-column", help="TSV column or pattern group for leave-one-group-out folds")
+    data.add_argument("--frame-level", action="store_true", help="probe every 10 ms frame instead of files")
+    data.add_argument("--max-frames", type=int, default=50000,
+                      help="with --frame-level, frames kept in all (drawn evenly over files, for speed)")
+    feats = parser.add_argument_group("features")
+    feats.add_argument("--features", required=True, help="mfcc, random, or the path of a checkpoint")
+    feats.add_argument("--layer", choices=LAYERS, default="c", help="wav2vec layer: c (default) or z")
+    feats.add_argument("--pool", choices=("mean", "mean+std"), default="mean",
+                       help="pooling over time of each file's frames (ignored with --frame-level)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--split", choices=("cv", "fsdd-official"), default="cv",
+                            help="cv: cross-validation (default); fsdd-official: test on repetitions 0-4")
+    evaluation.add_argument("--folds", type=int, default=5, help="folds of stratified or grouped k-fold")
+    evaluation.add_argument("--max-iter", type=int, default=5000,
+                            help="iteration limit of the logistic regression")
+    evaluation.add_argument("--seed", type=int, default=0, help="seed of the random network, folds, frames")
+    evaluation.add_argument("--json", type=Path, required=True, help="where to write the results")
+    evaluation.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    args = parser.parse_args(argv)
+    if args.frame_level and (args.labels or args.group_column):
+        raise UserError("--frame-level reads labels from the files beside the audio: "
+                        "drop --labels and --group-column (folds already group frames by file).")
+    if args.split == "fsdd-official" and args.group_column:
+        raise UserError("--split fsdd-official and --group-column are alternatives: choose one.")
+    if not args.frame_level and not args.labels:
+        raise UserError("--labels is required: a TSV, folder, pattern:REGEX, fsdd-digit or fsdd-speaker.")
+    if args.folds < 2 or args.max_frames < 1:
+        raise UserError("--folds must be at least 2 and --max-frames positive.")
+    return args
+
+
+# ----- labels -------------------------------------------------------------------------------------
+
+def label_source(spec: str) -> tuple[str, str]:
+    """(source for utils.labels_for_files, column holding the label) for a --labels value."""
+    return SHORTCUTS.get(spec, (spec, "label"))
+
+
+def read_labels(files: list[str], spec: str, data_dir: Path,
+                group_column: str | None = None) -> tuple[list[str | None], list[str | None] | None]:
+    """(label, group) per relative file path, None where missing; groups are None without a group column."""
+    source, column = label_source(spec)
+    labels = labels_for_files(files, source, data_dir, column)
+    if group_column is None:
+        return labels, None
+    if source == "folder":
+        raise UserError("--group-column needs a TSV or a pattern label source, not --labels folder.")
+    return labels, labels_for_files(files, source, data_dir, group_column)
+
+
+def check_classes(labels: list[str]) -> None:
+    """A probe needs at least two classes."""
+    classes = set(labels)
+    if len(classes) < 2:
+        found = f"only {classes.pop()!r}" if classes else "none"
+        raise UserError(f"A probe needs at least two classes, found {found}: check --labels and --data-dir.")
+
+
+def fsdd_test_mask(files: list[str], data_dir: Path) -> np.ndarray:
+    """(N,) True for FSDD's official test files (repetitions 0-4)."""
+    index = labels_for_files(files, FSDD_SOURCE, data_dir, "index")
+    unnamed = [f for f, i in zip(files, index, strict=True) if i is None]
+    if unnamed:
+        raise UserError(f"--split fsdd-official needs FSDD names {{digit}}_{{speaker}}_{{index}}.wav, "
+                        f"but {len(unnamed)} files differ (e.g. {unnamed[0]}).")
+    return np.array([int(i) < FSDD_TEST_REPETITIONS for i in index])
+
+
+# ----- features -----------------------------------------------------------------------------------
+
+def featurizer(spec: str, layer: str, seed: int, device: torch.device) -> tuple[FramesOf, int]:
+    """(waveforms -> frames (C, T), samples one frame covers) for mfcc, random or a checkpoint path."""
+    if spec == "mfcc":
+        return (lambda wavs: [mfcc(w) for w in wavs]), MFCC_WINDOW
+    if spec == "random":
+        torch.manual_seed(seed)
+        model = Wav2Vec(Wav2VecConfig.preset("wav2vec")).to(device).eval()
+    else:
+        model = Wav2Vec.from_pretrained(spec, map_location=device)
+    return partial(model_features, model, layer=layer), model.receptive_field
+
+
+def labels_at_centres(frame_labels: np.ndarray, num_frames: int, window: int) -> np.ndarray:
+    """(T,) label of feature frame t, which covers samples [160 t, 160 t + window): the one at its centre."""
+    centres = FRAME_HOP * np.arange(num_frames) + window // 2
+    return frame_labels[np.minimum(centres // FRAME_HOP, len(frame_labels) - 1)]
+
+
+def frame_label_path(audio: Path) -> Path:
+    """Where the per-frame labels of an audio file live: a.wav -> a.frames.npy."""
+    return audio.with_suffix(".frames.npy")
+
+
+def pooled_examples(paths: list[Path], labels: list[str], frames_of: FramesOf, window: int,
+                    how: str) -> Examples:
+    """One pooled vector per usable file; file_index points into `paths`."""
+    position = {path: i for i, path in enumerate(paths)}
+    rows = [(position[path], pool(frames, how)) for path, frames in file_frames(paths, frames_of, window)]
+    file_index = np.array([i for i, _ in rows])
+    return Examples(np.stack([vector for _, vector in rows]), np.array(labels)[file_index], file_index)
+
+
+def frame_examples(paths: list[Path], frames_of: FramesOf, window: int, max_frames: int,
+                   seed: int) -> Examples:
+    """Feature frames with their per-frame labels, at most ceil(max_frames / files) frames from each file."""
+    rng = np.random.default_rng(seed)
+    per_file = math.ceil(max_frames / len(paths))
+    position = {path: i for i, path in enumerate(paths)}
+    X, y, file_index = [], [], []
+    for path, frames in file_frames(paths, frames_of, window):
+        labels = labels_at_centres(np.load(frame_label_path(path)), frames.shape[1], window)
+        keep = np.sort(rng.permutation(frames.shape[1])[:per_file])
+        X.append(frames[:, keep].T)
+        y.append(labels[keep])
+        file_index.append(np.full(len(keep), position[path]))
+    return Examples(np.concatenate(X), np.concatenate(y).astype(str), np.concatenate(file_index))
+
+
+# ----- the probe ----------------------------------------------------------------------------------
+
+Split = tuple[str, np.ndarray, np.ndarray]  # (fold name, train rows, test rows)
+
+
+def numbered(splits: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[Split]:
+    return [(str(i + 1), train, test) for i, (train, test) in enumerate(splits)]
+
+
+def folds(examples: Examples, n_folds: int, seed: int, frame_level: bool = False) -> tuple[str, list[Split]]:
+    """(description, splits): the fixed split, leave-one-group-out, k-fold grouped by file, or stratified."""
+    rows = np.arange(len(examples.y))
+    if examples.test_mask is not None:
+        if examples.test_mask.all() or not examples.test_mask.any():
+            raise UserError("The fixed split leaves no training or no test files; check the file names.")
+        return "fixed split", [("test", rows[~examples.test_mask], rows[examples.test_mask])]
+    if examples.groups is not None:
+        if len(set(examples.groups)) < 2:
+            raise UserError("Leave-one-group-out needs at least two groups; check --group-column.")
+        splits = LeaveOneGroupOut().split(rows, groups=examples.groups)
+        return "leave-one-group-out", [(str(examples.groups[test[0]]), train, test) for train, test in splits]
+    if frame_level:  # frames of one file are alike: keep each file on one side
+        k = min(n_folds, len(np.unique(examples.file_index)))
+        if k < 2:
+            raise UserError("Frame-level cross-validation needs at least two files with frame labels.")
+        splits = GroupKFold(n_splits=k).split(rows, groups=examples.file_index)
+        return f"{k}-fold grouped by file", numbered(splits)
+    smallest = min(Counter(examples.y).values())
+    if smallest < 2:
+        raise UserError("Every class needs at least 2 examples for cross-validation; "
+                        "drop the rare classes from the labels or add data.")
+    k = min(n_folds, smallest)
+    if k < n_folds:
+        log.warning("the smallest class has %d examples: using %d folds instead of %d", smallest, k, n_folds)
+    splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(rows, examples.y)
+    return f"stratified {k}-fold", numbered(splits)
+
+
+def fit_and_score(X: np.ndarray, y: np.ndarray, splits: list[Split], max_iter: int = 5000) -> dict:
+    """Standardise + logistic regression per fold; accuracy and macro-F1 over all out-of-fold predictions."""
+    true, predicted, fold_accuracies = [], [], []
+    for name, train, test in splits:
+        unseen = set(y[test]) - set(y[train])
+        if unseen:
+            log.warning("fold %s: %d test classes never occur in its training data and cannot be predicted",
+                        name, len(unseen))
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+        classifier.fit(X[train], y[train])
+        prediction = classifier.predict(X[test])
+        fold_accuracies.append(float(accuracy_score(y[test], prediction)))
+        true.append(y[test])
+        predicted.append(prediction)
+    true, predicted = np.concatenate(true), np.concatenate(predicted)
+    return {"accuracy": float(accuracy_score(true, predicted)),
+            "macro_f1": float(f1_score(true, predicted, average="macro")),
+            "fold_accuracies": fold_accuracies, "n_tested": len(true)}
+
+
+def print_table(splits: list[Split], result: dict) -> None:
+    """One row per fold, then the pooled scores."""
+    print(f"{'fold':<16}{'test':>8}{'accuracy':>10}")
+    for (name, _, test), accuracy in zip(splits, result["fold_accuracies"], strict=True):
+        print(f"{name:<16}{len(test):>8}{accuracy:>10.3f}")
+    print(f"{'all':<16}{result['n_tested']:>8}{result['accuracy']:>10.3f}   "
+          f"macro-F1 {result['macro_f1']:.3f}; {result['n_examples']} examples, "
+          f"{result['n_classes']} classes, {result['evaluation']}")
+
+
+# ----- command line -------------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    """The labelled files of a run, their labels and groups, and the fixed test split if any."""
+
+    paths: list[Path]
+    labels: list[str] | None  # None with --frame-level: the frames carry the labels
+    groups: list[str] | None
+    test_mask: np.ndarray | None  # (files,) True for the files of a fixed test split
+    skipped: int  # files without a label (or group), or without frame labels
+
+
+def select_files(args: argparse.Namespace) -> Selection:
+    """The files with labels (and groups) and the fixed split, checked before any feature is computed."""
+    files = find_audio_files(args.data_dir)
+    if not files:
+        raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
+    names = [f.relative_to(args.data_dir).as_posix() for f in files]
+    if args.frame_level:
+        keep = [i for i, f in enumerate(files) if frame_label_path(f).is_file()]
+        if not keep:
+            raise UserError(f"No per-frame labels (<name>.frames.npy beside <name>.wav) "
+                            f"under {args.data_dir}.")
+        labels = groups = None
+    else:
+        labels, groups = read_labels(names, args.labels, args.data_dir, args.group_column)
+        keep = [i for i, label in enumerate(labels)
+                if label is not None and (groups is None or groups[i] is not None)]
+        labels = [labels[i] for i in keep]
+        groups = None if groups is None else [groups[i] for i in keep]
+        check_classes(labels)
+    kept_names = [names[i] for i in keep]
+    test_mask = fsdd_test_mask(kept_names, args.data_dir) if args.split == "fsdd-official" else None
+    return Selection([files[i] for i in keep], labels, groups, test_mask, len(files) - len(keep))
+
+
+def load_examples(args: argparse.Namespace, selection: Selection) -> Examples:
+    """Features, labels, groups and the fixed test split, if any, for every example of the run."""
+    frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
+    if args.frame_level:
+        examples = frame_examples(selection.paths, frames_of, window, args.max_frames, args.seed)
+    else:
+        examples = pooled_examples(selection.paths, selection.labels, frames_of, window, args.pool)
+        if selection.groups is not None:
+            examples.groups = np.array(selection.groups)[examples.file_index]
+    if selection.test_mask is not None:
+        examples.test_mask = selection.test_mask[examples.file_index]
+    check_classes(list(examples.y))  # again: frame labels, or unreadable files may have left one class
+    return examples
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    selection = select_files(args)  # before logging starts: a user error is then the first line on stderr
+    setup_logging()
+    if selection.skipped:
+        log.info("skipping %d files without a label%s", selection.skipped,
+                 "" if selection.groups is None else " or group")
+    start = time.perf_counter()
+    examples = load_examples(args, selection)
+    feature_seconds = time.perf_counter() - start
+    description, splits = folds(examples, args.folds, args.seed, args.frame_level)
+    log.info("%d examples of dimension %d, %s", len(examples.y), examples.X.shape[1], description)
+    result = fit_and_score(examples.X, examples.y, splits, args.max_iter)
+    result.update(n_examples=len(examples.y), n_classes=len(set(examples.y)),
+                  n_files=len(np.unique(examples.file_index)),
+                  skipped_files=selection.skipped, evaluation=description,
+                  fold_names=[name for name, _, _ in splits], feature_seconds=round(feature_seconds, 2),
+                  total_seconds=round(time.perf_counter() - start, 2),
+                  settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    print_table(splits, result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s", args.json)
+
+
+if __name__ == "__main__":
+    run_cli(main)
