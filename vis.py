@@ -1,0 +1,662 @@
+"""Diagnostics of a checkpoint: the pictures to look at before trusting a run.
+
+    python vis.py --checkpoint checkpoints/best_model.pt --data-dir DIR [--labels folder|pattern:REGEX|TSV]
+
+Writes into --output-dir (default visualizations/):
+    loss_curves.png             training loss (raw and smoothed), validation loss and accuracy, from the
+                                history in the checkpoint (skipped when it has none, e.g. fairseq's)
+    sample_NN_<name>.png        --num-samples files, spread over the list: waveform, log-mel spectrogram,
+                                z and c on one time axis
+    tsne.png, pca.png           2-D maps of frames (a bounded random sample) and of files (mean over time)
+    similarity_heatmap.png      cosine similarity between files, ordered by label
+    self_similarity.png         cosine similarity between the frames of one file
+    nearest_neighbours.csv/png  the k nearest files of every file, with distances and label agreement
+    summary.txt, index.html     one paragraph of numbers, and a page that shows everything
+
+A "batch" is one file: GroupNorm statistics span the whole input, so padding files into a shared batch
+would change their features. --max-batches therefore bounds the number of files embedded; when the folder
+holds more, an evenly spaced selection of the sorted file list is taken, so that every part of a sorted
+corpus (every digit of FSDD, every speaker folder) appears. Each file is cut to its first --max-seconds.
+Similarities are cosines of the features after subtracting the mean file embedding: features come out of
+a ReLU, so raw cosines all sit near 1 and hide the structure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import logging
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+from tqdm import tqdm
+
+from data import find_audio_files, load_audio, probe_audio, resampled_length
+from features import LAYERS, SAMPLE_RATE, hz_to_mel, mel_filterbank
+from model import UserError, Wav2Vec, Wav2VecConfig
+from utils import labels_for_files, resolve_device, run_cli, setup_logging
+
+log = logging.getLogger(__name__)
+
+# Figures are built without pyplot, so they render with Agg: no display, no global figure state. imshow
+# keeps matplotlib's default interpolation, which anti-aliases images with more rows than pixels (512
+# channels, 3000 frames) instead of dropping rows.
+
+SPECTROGRAM_WINDOW = 400  # 25 ms
+SPECTROGRAM_HOP = 160  # 10 ms, the model's frame rate: spectrogram and features share columns per second
+SPECTROGRAM_FFT = 1024  # zero-padded so that even the narrowest (lowest) mel filters cover several bins
+MEL_BANDS = 80
+DYNAMIC_RANGE_DB = 80.0
+MEL_TICKS_HZ = (100, 500, 1000, 2000, 4000, 8000)
+MAX_COLOURS = 20  # categories with their own colour and legend entry; rarer ones share grey "other"
+OTHER_COLOUR = (0.75, 0.75, 0.75, 1.0)
+MAX_TICK_LABELS = 40  # beyond this many files or label groups, heatmap ticks would overlap
+MAX_NEIGHBOUR_ROWS = 24  # queries drawn in nearest_neighbours.png; the CSV holds all of them
+TSNE_PCA_DIMS = 50  # t-SNE runs on this many principal components: much faster, nearly the same map
+# On 3000 FSDD frames (32-channel random model), 750 iterations end within 2% of the KL divergence of
+# sklearn's default 1000 in 3/4 of the time; 500 leave it 9% higher.
+TSNE_ITERATIONS = 750
+# Exact t-SNE below this many points: its O(n^2) gradient is cheaper there than Barnes-Hut's tree and
+# threads (10 points: 0.1 s instead of 2 s on two busy cores).
+TSNE_EXACT_BELOW = 200
+UNLABELLED = "(no label)"
+DPI = 130
+NN_COLUMNS = ("query", "query_label", "rank", "neighbour", "neighbour_label", "cosine_distance", "same_label")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values argparse cannot check are a UserError."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best_model.pt"),
+                    help="a checkpoint written by main.py, or a fairseq wav2vec 1.0 checkpoint")
+    io.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
+    io.add_argument("--labels", default=None,
+                    help="colour and group files by label: 'folder' (each file's parent folder), "
+                         "'pattern:REGEX' (a named group (?P<label>...) matched on the file name), or a "
+                         "TSV with `path` (relative to --data-dir) and `label` columns; default: by file")
+    io.add_argument("--output-dir", type=Path, default=Path("visualizations"), help="where figures go")
+    what = parser.add_argument_group("what to embed and draw")
+    what.add_argument("--layer", choices=LAYERS, default="c",
+                      help="features for the maps, similarities and neighbours: c (context, default) or z")
+    what.add_argument("--max-batches", type=int, default=20,
+                      help="files embedded (one file per batch); more files are thinned evenly")
+    what.add_argument("--num-samples", type=int, default=10, help="files that get a per-file figure")
+    what.add_argument("--max-seconds", type=float, default=30.0, help="each file is cut to this length")
+    what.add_argument("--max-frames", type=int, default=3000,
+                      help="frames sampled for the frame-level t-SNE and PCA (bounds their time)")
+    what.add_argument("--neighbours", type=int, default=5, help="nearest neighbours listed per file")
+    what.add_argument("--seed", type=int, default=0, help="seed of the frame sampling and of t-SNE")
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    if args.max_batches < 2:
+        raise UserError("--max-batches must be at least 2: the similarity figures compare files.")
+    if args.num_samples < 0 or args.max_seconds <= 0 or args.max_frames < 10 or args.neighbours < 1:
+        raise UserError("Give --num-samples >= 0, --max-seconds > 0, --max-frames >= 10, --neighbours >= 1.")
+    return args
+
+
+# ----- inputs -------------------------------------------------------------------------------------
+
+def load_history(checkpoint: Path) -> dict | None:
+    """The training history stored in a checkpoint of main.py; None when there is none (fairseq files)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):  # how 2019 fairseq files store their args
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    history = ckpt.get("history")
+    return history if history and history.get("train") else None
+
+
+def evenly_spaced(n: int, limit: int) -> np.ndarray:
+    """At most `limit` distinct indices into range(n), evenly spaced from the first to the last."""
+    return np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(int))
+
+
+def natural_key(text: str) -> list:
+    """Sort key under which '2' comes before '10' (digit runs compare as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def shorten(text: str, width: int) -> str:
+    """`text`, cut from the left to at most `width` characters: the end of a path says the most."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+# ----- features -----------------------------------------------------------------------------------
+
+def log_mel_spectrogram(wav: np.ndarray) -> np.ndarray:
+    """wav (L,) at 16 kHz -> power in dB (MEL_BANDS, T), frame t covering samples [160 t, 160 t + 400)."""
+    wav = np.pad(wav.astype(np.float64), (0, max(0, SPECTROGRAM_WINDOW - len(wav))))
+    frames = np.lib.stride_tricks.sliding_window_view(wav, SPECTROGRAM_WINDOW)[::SPECTROGRAM_HOP]
+    power = np.abs(np.fft.rfft(frames * np.hanning(SPECTROGRAM_WINDOW), SPECTROGRAM_FFT)) ** 2
+    mel = power @ mel_filterbank(MEL_BANDS, SPECTROGRAM_FFT, SAMPLE_RATE).T  # (T, MEL_BANDS)
+    db = 10 * np.log10(np.maximum(mel, 1e-12))
+    db -= db.max()  # 0 dB = the loudest bin of the file
+    return np.maximum(db, -DYNAMIC_RANGE_DB).T  # a floor: digital silence would swamp the colour scale
+
+
+def frame_extent(num_frames: int, window: int, hop: int = SPECTROGRAM_HOP) -> tuple[float, float]:
+    """(first edge, last edge) in seconds of `num_frames` frames drawn as hop-wide columns centred on their
+    windows [hop t, hop t + window): what puts the spectrogram, z and c on one time axis."""
+    left = (window - hop) / 2 / SAMPLE_RATE
+    return left, left + num_frames * hop / SAMPLE_RATE
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (N, C), b (M, C) -> cosine similarities (N, M); an all-zero row gives zeros rather than NaN."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+@dataclass
+class Embeddings:
+    """One layer's features of the embedded files: a mean vector per file and a bounded sample of frames."""
+
+    names: list[str]  # relative paths of the files embedded (unreadable ones left out)
+    labels: list[str | None]  # one per file; None when no labels were given or the file has none
+    utterances: np.ndarray  # (N, C): each file's frames averaged over time
+    frames: np.ndarray  # (M, C): at most --max-frames frames drawn from all files
+    frame_file: np.ndarray  # (M,): index into names of each sampled frame
+    total_frames: int
+    total_seconds: float
+    example: np.ndarray  # (C, T): every frame of the first file, for its self-similarity
+    skipped: list[str]  # relative paths of the files that could not be embedded
+
+
+def read_start(path: Path, max_samples: int) -> tuple[np.ndarray, float]:
+    """The first `max_samples` of a file at 16 kHz, wav (L,), decoding little more where the format allows
+    it (a long recording is not read whole), and the file's full duration in seconds."""
+    info = probe_audio(path)
+    length = resampled_length(info.frames, info.sample_rate, SAMPLE_RATE)
+    return load_audio(path, SAMPLE_RATE, num_samples=min(length, max_samples)), length / SAMPLE_RATE
+
+
+def embed_files(model: Wav2Vec, files: list[Path], names: list[str], labels: list[str | None],
+                args: argparse.Namespace) -> tuple[Embeddings, list[tuple[str, str]]]:
+    """Run the model on every file, one at a time; draw --num-samples of them, spread over the list as the
+    files are; keep their features. Returns the embeddings and each per-file figure's (file name, caption)."""
+    rng = np.random.default_rng(args.seed)
+    max_samples = int(args.max_seconds * SAMPLE_RATE)
+    per_file = math.ceil(args.max_frames / len(files))  # frames kept per file: memory stays bounded
+    kept_names, kept_labels, means, sampled, owners, skipped, figures = [], [], [], [], [], [], []
+    total_frames, total_seconds, example = 0, 0.0, None
+    to_draw = set(evenly_spaced(len(files), args.num_samples).tolist())
+    owed = 0  # figures due: a file picked for one but unreadable passes it on to the next readable file
+    inputs = list(zip(files, names, labels, strict=True))
+    for position, (path, name, label) in enumerate(tqdm(inputs, desc="extracting", unit="file")):
+        owed += position in to_draw
+        try:
+            wav, duration = read_start(path, max_samples)
+            feats = model.extract_features(torch.from_numpy(wav))
+        except UserError as err:  # unreadable, or shorter than one frame
+            log.warning("Skipping %s: %s", name, err)
+            skipped.append(name)
+            continue
+        z, c = (feats[key][0].float().cpu().numpy() for key in ("z", "c"))  # each (C, T)
+        frames = c if args.layer == "c" else z
+        if owed:
+            owed -= 1
+            figure = f"sample_{len(figures):02d}_{slug(name)}.png"
+            plot_sample(wav, duration, z, c, model, name, label, args.output_dir / figure)
+            figures.append((figure, f"{name}{f' (label {label})' if label is not None else ''}: waveform, "
+                                    "log-mel spectrogram, latent z and context c on one time axis."))
+        if example is None:
+            example = frames
+        chosen = np.sort(rng.choice(frames.shape[1], min(per_file, frames.shape[1]), replace=False))
+        sampled.append(frames[:, chosen].T)
+        owners.append(np.full(len(chosen), len(kept_names)))
+        kept_names.append(name)
+        kept_labels.append(label)
+        means.append(frames.mean(axis=1))
+        total_frames += frames.shape[1]
+        total_seconds += len(wav) / SAMPLE_RATE
+    if len(kept_names) < 2:
+        raise UserError(f"Only {len(kept_names)} of {len(files)} audio files could be embedded; "
+                        "the figures compare files, so give a folder with at least two readable ones.")
+    frames, owner = np.concatenate(sampled), np.concatenate(owners)
+    if len(frames) > args.max_frames:
+        chosen = np.sort(rng.choice(len(frames), args.max_frames, replace=False))
+        frames, owner = frames[chosen], owner[chosen]
+    embeddings = Embeddings(kept_names, kept_labels, np.stack(means), frames, owner, total_frames,
+                            total_seconds, example, skipped)
+    return embeddings, figures
+
+
+def slug(name: str) -> str:
+    """A file-name-safe version of a relative audio path, without its extension."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).with_suffix("").as_posix())[-60:]
+
+
+# ----- figures ------------------------------------------------------------------------------------
+
+def smooth(values: list[float]) -> np.ndarray:
+    """Debiased exponential moving average (as TensorBoard's) over about a twentieth of the points."""
+    weight = 1 - 1 / max(1.0, len(values) / 20)
+    out, average = [], 0.0
+    for i, value in enumerate(values):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** (i + 1)))  # undo the pull towards the initial 0
+    return np.array(out)
+
+
+def plot_loss_curves(history: dict, config: Wav2VecConfig, path: Path) -> None:
+    """Loss (nats, with bits on the right axis), accuracy, and accuracy per prediction step when recorded."""
+    train, valid = history["train"], history.get("valid", [])
+    has_accuracy = all("accuracy" in entry for entry in train)
+    has_per_step = all("accuracy_per_step" in entry for entry in train)
+    panels = 1 + has_accuracy + has_per_step
+    fig = Figure(figsize=(5.2 * panels, 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    steps = [entry["step"] for entry in train]
+
+    def curves(ax, key: str, scale: float) -> None:  # raw and smoothed training values, validation dots
+        values = [entry[key] * scale for entry in train]
+        ax.plot(steps, values, color="C0", lw=0.8, alpha=0.35, label="train (raw)")
+        ax.plot(steps, smooth(values), color="C0", lw=2, label="train (smoothed)")
+        if valid and all(key in entry for entry in valid):
+            ax.plot([entry["step"] for entry in valid], [entry[key] * scale for entry in valid], "o-",
+                    color="C1", ms=4, label="validation (per epoch)")
+        ax.set_xlabel("update step")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+
+    curves(axes[0], "loss", 1.0)
+    axes[0].set(ylabel=f"{config.loss_type} loss (nats)", title="Loss")
+    bits = axes[0].secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda x: x * math.log(2)))
+    bits.set_ylabel("loss (bits)")
+    if has_accuracy:
+        curves(axes[1], "accuracy", 100.0)
+        axes[1].set(ylabel="accuracy (%)", title="Accuracy (positive above every distractor)")
+    if has_per_step:
+        plot_accuracy_per_step(axes[-1], train, config.resolved_offset)
+    fig.suptitle(f"Training history: {len(train)} records, {len(valid)} validations")
+    fig.savefig(path, dpi=DPI)
+
+
+def plot_accuracy_per_step(ax, train: list[dict], offset: int) -> None:
+    """Mean training accuracy for each prediction step k, for up to five epochs from first to last."""
+    by_epoch: dict[int, list] = {}
+    for entry in train:
+        by_epoch.setdefault(entry["epoch"], []).append(entry["accuracy_per_step"])
+    epochs = sorted(by_epoch)
+    shown = [epochs[i] for i in evenly_spaced(len(epochs), 5)]
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(shown)))
+    for epoch, colour in zip(shown, colours, strict=True):
+        accuracy = 100 * np.mean(by_epoch[epoch], axis=0)
+        ax.plot(np.arange(1, len(accuracy) + 1), accuracy, "o-", color=colour, ms=3, label=f"epoch {epoch}")
+    ax.set(xlabel=f"prediction step k (target: z at frame t + {offset} + k - 1)",
+           ylabel="training accuracy (%)", title="Accuracy per prediction step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def plot_sample(wav: np.ndarray, duration: float, z: np.ndarray, c: np.ndarray, model: Wav2Vec,
+                name: str, label: str | None, path: Path) -> None:
+    """Waveform, log-mel spectrogram, z (C, T) and c (C, T) of one file, stacked on one time axis."""
+    fig = Figure(figsize=(11, 8.5), layout="constrained")
+    grid = fig.add_gridspec(4, 2, width_ratios=(60, 1), height_ratios=(1, 1.3, 1.3, 1.3))
+    top = fig.add_subplot(grid[0, 0])
+    axes = [top] + [fig.add_subplot(grid[row, 0], sharex=top) for row in (1, 2, 3)]
+    colourbars = [fig.add_subplot(grid[row, 1]) for row in (1, 2, 3)]
+
+    seconds = np.arange(len(wav)) / SAMPLE_RATE
+    top.plot(seconds, wav, color="C0", lw=0.4)
+    peak = max(float(np.abs(wav).max()), 1e-3)
+    top.set(ylim=(-1.05 * peak, 1.05 * peak), ylabel="amplitude\n(full scale = 1)", title="Waveform",
+            xlim=(0, len(wav) / SAMPLE_RATE))
+
+    mel = log_mel_spectrogram(wav)
+    left, right = frame_extent(mel.shape[1], SPECTROGRAM_WINDOW)
+    image = axes[1].imshow(mel, aspect="auto", origin="lower", cmap="magma",
+                           extent=(left, right, 0, MEL_BANDS))
+    top_mel = hz_to_mel(SAMPLE_RATE / 2)
+    ticks = [hz for hz in MEL_TICKS_HZ if hz <= SAMPLE_RATE / 2]
+    axes[1].set_yticks([hz_to_mel(hz) / top_mel * MEL_BANDS for hz in ticks], [f"{hz:g}" for hz in ticks])
+    axes[1].set(ylabel="frequency (Hz,\nmel scale)",
+                title=f"Log-mel spectrogram ({MEL_BANDS} bands, 25 ms window)")
+    fig.colorbar(image, cax=colourbars[0], label="power (dB re. loudest)")
+
+    titles = {"z": f"Latent z (encoder output, {z.shape[0]} channels, one frame per 10 ms)",
+              "c": f"Context c (context network output, {c.shape[0]} channels)"}
+    for ax, cax, (key, feats) in zip(axes[2:], colourbars[1:], (("z", z), ("c", c)), strict=True):
+        low, high = np.percentile(feats, (1, 99))  # robust limits: a few large activations would wash it out
+        left, right = frame_extent(feats.shape[1], model.receptive_field, model.config.stride)
+        image = ax.imshow(feats, aspect="auto", origin="lower", cmap="viridis", vmin=low,
+                          vmax=max(high, low + 1e-6), extent=(left, right, -0.5, feats.shape[0] - 0.5))
+        ax.set(ylabel=f"{key} channel", title=titles[key])
+        fig.colorbar(image, cax=cax, label="activation (a.u.)")
+    for ax in axes[:-1]:
+        ax.tick_params(labelbottom=False)
+    axes[-1].set_xlabel("time (s)")
+    cut = f", first {len(wav) / SAMPLE_RATE:.1f} s shown" if len(wav) / SAMPLE_RATE < duration else ""
+    fig.suptitle(f"{name}{f'  [label: {label}]' if label is not None else ''}: {duration:.2f} s{cut}, "
+                 f"{z.shape[1]} frames")
+    fig.savefig(path, dpi=DPI)
+
+
+def category_colours(categories: list[str]) -> dict[str, tuple]:
+    """A colour for each category, or for the most frequent ones when there are more than MAX_COLOURS:
+    the rest share grey "other" (OTHER_COLOUR), so the palette's own greys are then left out."""
+    counts = Counter(categories)
+    palette = list(matplotlib.colormaps["tab10" if len(counts) <= 10 else "tab20"].colors)
+    if len(counts) > MAX_COLOURS:
+        palette = [colour for colour in palette if len(set(colour)) > 1]  # a grey has r == g == b
+        counts = Counter(dict(counts.most_common(len(palette))))
+    return {category: palette[i] for i, category in enumerate(sorted(counts, key=natural_key))}
+
+
+def add_legend(fig: Figure, colours: dict[str, tuple], categories: list[str], title: str) -> None:
+    """One legend right of the panels: an entry per coloured category, and one for the grey rest."""
+    handles = [Line2D([], [], marker="o", ls="", color=colour, label=shorten(category, 28))
+               for category, colour in colours.items()]
+    others = len(set(categories) - set(colours))
+    if others:
+        handles.append(Line2D([], [], marker="o", ls="", color=OTHER_COLOUR, label=f"other ({others})"))
+    fig.legend(handles=handles, loc="outside right upper", title=title, fontsize="small")
+
+
+def project(points: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, tuple[str, str]]:
+    """points (n, C) -> 2-D coordinates (n, 2) by PCA or t-SNE, and the two axis labels."""
+    if method == "pca":
+        pca = PCA(2, random_state=seed).fit(points)
+        ratios = pca.explained_variance_ratio_
+        return pca.transform(points), (f"PC 1 ({100 * ratios[0]:.0f}% of variance)",
+                                       f"PC 2 ({100 * ratios[1]:.0f}% of variance)")
+    reduced = PCA(min(TSNE_PCA_DIMS, *points.shape), random_state=seed).fit_transform(points)
+    perplexity = min(30.0, max(1.0, (len(points) - 1) / 3))  # must stay below the number of points
+    gradient = "exact" if len(points) < TSNE_EXACT_BELOW else "barnes_hut"
+    tsne = TSNE(2, perplexity=perplexity, init="pca", method=gradient, max_iter=TSNE_ITERATIONS,
+                random_state=seed)
+    return tsne.fit_transform(reduced), ("t-SNE 1 (a.u.)", "t-SNE 2 (a.u.)")
+
+
+def plot_embedding_map(emb: Embeddings, categories: list[str], colour_by: str, method: str, layer: str,
+                       seed: int, path: Path) -> None:
+    """Two panels: sampled frames and per-file means, projected to 2-D, coloured by category."""
+    colours = category_colours(categories)
+    frame_categories = [categories[i] for i in emb.frame_file]
+    fig = Figure(figsize=(12.5, 5.5), layout="constrained")
+    panels = (
+        (emb.frames, frame_categories, 6, f"Frames: {len(emb.frames)} sampled of {emb.total_frames}"),
+        (emb.utterances, categories, 36, f"Files: {len(emb.utterances)} (mean over time)"),
+    )
+    rng = np.random.default_rng(seed)
+    for ax, (points, point_categories, size, title) in zip(fig.subplots(1, 2), panels, strict=True):
+        start = time.perf_counter()
+        xy, (xlabel, ylabel) = project(points, method, seed)
+        log.info("%s of %d points took %.1f s", method, len(points), time.perf_counter() - start)
+        order = rng.permutation(len(xy))  # random drawing order: no category hides under the last one drawn
+        ax.scatter(xy[order, 0], xy[order, 1], s=size, linewidths=0, alpha=0.8,
+                   c=[colours.get(point_categories[i], OTHER_COLOUR) for i in order])
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+    name = "t-SNE" if method == "tsne" else "PCA"
+    fig.suptitle(f"{name} of {layer} features, coloured by {colour_by}")
+    add_legend(fig, colours, categories, colour_by)
+    fig.savefig(path, dpi=DPI)
+
+
+def group_ticks(ax, ordered: list[str], axis_label: str) -> None:
+    """Ticks for a matrix whose rows are grouped: one per run of equal names, with lines between runs."""
+    starts = [i for i in range(len(ordered)) if i == 0 or ordered[i] != ordered[i - 1]]
+    ends = starts[1:] + [len(ordered)]
+    grouped = len(starts) < len(ordered)  # lines only when groups hold several rows, not one per file
+    for boundary in starts[1:] if grouped else []:
+        ax.axhline(boundary - 0.5, color="white", lw=0.6)
+        ax.axvline(boundary - 0.5, color="white", lw=0.6)
+    if len(starts) <= MAX_TICK_LABELS:
+        centres = [(start + end - 1) / 2 for start, end in zip(starts, ends, strict=True)]
+        names = [shorten(ordered[start], 24) for start in starts]
+        ax.set_xticks(centres, names, rotation=90, fontsize="small")
+        ax.set_yticks(centres, names, fontsize="small")
+    else:  # too many names to print: keep the numeric ticks (row indices)
+        axis_label += " (index)"
+    ax.set(xlabel=axis_label, ylabel=axis_label)
+
+
+def plot_similarity_heatmap(similarity: np.ndarray, order: np.ndarray, categories: list[str], colour_by: str,
+                            layer: str, title_note: str, path: Path) -> None:
+    """Cosine similarity (N, N) between files, rows and columns in `order` (grouped by label)."""
+    fig = Figure(figsize=(8.5, 7.5), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(similarity[np.ix_(order, order)], cmap="viridis", vmin=-1, vmax=1)
+    ordered = [categories[i] for i in order]
+    group_ticks(ax, ordered, f"file (grouped by {colour_by})" if colour_by == "label" else "file")
+    fig.colorbar(image, ax=ax, label="cosine similarity (mean-centred)", shrink=0.85)
+    ax.set_title(f"Similarity between files ({layer}, mean over time){title_note}")
+    fig.savefig(path, dpi=DPI)
+
+
+def plot_self_similarity(frames: np.ndarray, centre: np.ndarray, model: Wav2Vec, name: str, layer: str,
+                         path: Path) -> None:
+    """Cosine similarity between every pair of frames (C, T) of one file, both axes in seconds."""
+    centred = frames.T - centre
+    left, right = frame_extent(frames.shape[1], model.receptive_field, model.config.stride)
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(cosine_matrix(centred, centred), cmap="viridis", vmin=-1, vmax=1, origin="lower",
+                      extent=(left, right, left, right))
+    ax.set(xlabel="time (s)", ylabel="time (s)",
+           title=f"Frame-by-frame similarity of {shorten(name, 40)} ({layer})")
+    fig.colorbar(image, ax=ax, label="cosine similarity (mean-centred)", shrink=0.85)
+    fig.savefig(path, dpi=DPI)
+
+
+def nearest_neighbours(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (N, k), cosine distances (N, k)) of each file's k most similar other files, nearest first."""
+    distance = 1 - similarity
+    np.fill_diagonal(distance, np.inf)
+    nearest = np.argsort(distance, axis=1, kind="stable")[:, :k]
+    return nearest, np.take_along_axis(distance, nearest, axis=1)
+
+
+def same_label(labels: list[str | None], a: int, b: int) -> bool | None:
+    """Whether files a and b share a label; None when either has none."""
+    return None if labels[a] is None or labels[b] is None else labels[a] == labels[b]
+
+
+def write_neighbours_csv(emb: Embeddings, nearest: np.ndarray, distance: np.ndarray, path: Path) -> None:
+    """One row per (query, rank) with NN_COLUMNS; the label columns stay empty where there is no label."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(NN_COLUMNS)
+        for query, row in enumerate(nearest):
+            for rank, neighbour in enumerate(row):
+                shared = same_label(emb.labels, query, neighbour)
+                writer.writerow((emb.names[query], emb.labels[query] or "", rank + 1, emb.names[neighbour],
+                                 emb.labels[neighbour] or "", f"{distance[query, rank]:.4f}",
+                                 "" if shared is None else shared))
+
+
+def plot_neighbours(emb: Embeddings, nearest: np.ndarray, distance: np.ndarray, order: np.ndarray,
+                    layer: str, title_note: str, path: Path) -> None:
+    """A grid: one row per query (at most MAX_NEIGHBOUR_ROWS, spread over the label order), one column per
+    rank; each cell names the neighbour, is coloured by its distance and marked when it shares the label."""
+    queries = order[evenly_spaced(len(order), MAX_NEIGHBOUR_ROWS)]
+    k = nearest.shape[1]
+    fig = Figure(figsize=(3.2 + 1.9 * k, 1.6 + 0.34 * len(queries)), layout="constrained")
+    ax = fig.subplots()
+    cells = distance[queries]
+    image = ax.imshow(cells, cmap="viridis", aspect="auto")
+    low, high = float(cells.min()), float(cells.max())
+    for row, query in enumerate(queries):
+        for rank, neighbour in enumerate(nearest[query]):
+            shared = same_label(emb.labels, query, neighbour)
+            mark = {True: "✓ ", False: "✗ ", None: ""}[shared]
+            bright = (cells[row, rank] - low) / max(high - low, 1e-12) > 0.6  # viridis is light at the top
+            ax.text(rank, row, mark + shorten(Path(emb.names[neighbour]).stem, 18), ha="center", va="center",
+                    fontsize=7, fontweight="bold" if shared else "normal", color="k" if bright else "w")
+    names = [shorten(emb.names[q], 28) + (f" [{emb.labels[q]}]" if emb.labels[q] is not None else "")
+             for q in queries]
+    ax.set_yticks(range(len(queries)), names, fontsize="small")
+    ax.set_xticks(range(k), [str(rank + 1) for rank in range(k)])
+    ax.set(xlabel="neighbour rank (1 = nearest)", ylabel="query file")
+    ax.set_title(f"{k} nearest files by cosine distance ({layer}){title_note}")
+    fig.colorbar(image, ax=ax, label="cosine distance (1 - similarity)", shrink=0.9)
+    fig.savefig(path, dpi=DPI)
+
+
+# ----- numbers and the page -----------------------------------------------------------------------
+
+def within_between(similarity: np.ndarray, labels: list[str | None]) -> tuple[float, float]:
+    """Mean similarity over pairs of labelled files that share a label, and over pairs that do not."""
+    known = np.array([label is not None for label in labels])
+    values = np.array(labels, dtype=object)
+    pairs = np.triu(np.outer(known, known), k=1)  # each unordered pair of labelled files once
+    same = pairs & (values[:, None] == values[None, :])
+    means = [float(similarity[mask].mean()) if mask.any() else math.nan for mask in (same, pairs & ~same)]
+    return means[0], means[1]
+
+
+def label_agreement(nearest: np.ndarray, labels: list[str | None]) -> tuple[float, float]:
+    """(fraction of labelled neighbours that share the query's label, that fraction for random neighbours)."""
+    shared = [same_label(labels, q, n) for q, row in enumerate(nearest) for n in row]
+    shared = [s for s in shared if s is not None]
+    counts = np.array(list(Counter(label for label in labels if label is not None).values()))
+    total = counts.sum()
+    chance = float((counts * (counts - 1)).sum() / (total * (total - 1))) if total > 1 else math.nan
+    return (float(np.mean(shared)) if shared else math.nan), chance
+
+
+def summary_text(args: argparse.Namespace, model: Wav2Vec, history: dict | None, emb: Embeddings,
+                 found: int, selected: int, numbers: dict[str, float]) -> str:
+    """One paragraph: the checkpoint, what was embedded, and how well the features group by label."""
+    cfg = model.config
+    checkpoint = (f"Checkpoint {args.checkpoint} ({len(cfg.encoder_layers)} encoder and "
+                  f"{len(cfg.context_layers)} context layers, {cfg.context_layers[-1][0]} channels, "
+                  f"{model.num_parameters():,} parameters)")
+    if history:
+        last, valid = history["train"][-1], history.get("valid")
+        checkpoint += (f", trained for {last['step']:,} updates (last epoch {last['epoch']}, last training "
+                       f"loss {last['loss']:.3f} nats"
+                       + (f", last validation loss {valid[-1]['loss']:.3f} nats)" if valid else ")"))
+    else:
+        checkpoint += ", without a training history (no loss curves)"
+    parts = [checkpoint,
+             f"Layer {args.layer}: {len(emb.names)} of {selected} selected files embedded ({found} found "
+             f"under {args.data_dir}; {len(emb.skipped)} unreadable or too short, skipped), "
+             f"{emb.total_frames:,} frames ({emb.total_seconds:.1f} s of audio, each file cut to "
+             f"{args.max_seconds:g} s); the maps show {len(emb.frames):,} sampled frames"]
+    if args.labels:
+        distinct = len({label for label in emb.labels if label is not None})
+        unlabelled = sum(label is None for label in emb.labels)
+        parts += [f"Labels from {args.labels}: {distinct} distinct"
+                  + (f", {unlabelled} files without one" if unlabelled else ""),
+                  f"Mean cosine similarity (mean-centred) between file embeddings: {numbers['within']:.3f} "
+                  f"within a label versus {numbers['between']:.3f} between labels",
+                  f"Of each file's {numbers['k']} nearest neighbours, {100 * numbers['agreement']:.0f}% "
+                  f"share its label (chance {100 * numbers['chance']:.0f}%)"]
+    else:
+        parts.append("No labels were given, so within- versus between-label similarity is not reported; the "
+                     f"mean cosine similarity (mean-centred) between files is {numbers['between']:.3f}")
+    return ". ".join(parts) + "."
+
+
+def write_index(path: Path, summary: str, figures: list[tuple[str, str]]) -> None:
+    """index.html: the summary, a link to the neighbours table, then every figure with its caption."""
+    items = "\n".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}">'
+                      f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>"
+                      for name, caption in figures)
+    path.write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wav2vec diagnostics</title>
+<style>body {{font-family: sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em}}
+figure {{margin: 2.5em 0}} img {{max-width: 100%; border: 1px solid #ddd}} figcaption {{color: #333}}</style>
+</head><body>
+<h1>wav2vec diagnostics</h1>
+<p>{html.escape(summary)}</p>
+<p>Nearest neighbours as a table: <a href="nearest_neighbours.csv">nearest_neighbours.csv</a>.</p>
+{items}
+</body></html>
+""", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load the checkpoint, embed the files, write every figure, the table, the summary and the page."""
+    args = parse_args(argv)
+    setup_logging()
+    start = time.perf_counter()
+    device = resolve_device(args.device)
+    model = Wav2Vec.from_pretrained(args.checkpoint, map_location=device)
+    history = load_history(args.checkpoint)
+    found = find_audio_files(args.data_dir)
+    if not found:
+        raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
+    files = [found[i] for i in evenly_spaced(len(found), args.max_batches)]  # see the docstring
+    names = [f.relative_to(args.data_dir).as_posix() for f in files]
+    labels = labels_for_files(names, args.labels, args.data_dir) if args.labels else [None] * len(files)
+    if args.labels and all(label is None for label in labels):
+        raise UserError(f"None of the {len(files)} files got a label from {args.labels!r}; check the source.")
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("%s on %s: embedding %d of %d files from %s, layer %s", args.checkpoint, device, len(files),
+             len(found), args.data_dir, args.layer)
+
+    figures = []
+    if history:
+        plot_loss_curves(history, model.config, out / "loss_curves.png")
+        figures.append(("loss_curves.png", "Training loss per update (raw and smoothed), validation loss per "
+                                           "epoch; accuracy overall and per prediction step when recorded."))
+    else:
+        log.info("%s holds no training history: skipping the loss curves.", args.checkpoint)
+
+    emb, sample_figures = embed_files(model, files, names, labels, args)
+    colour_by = "label" if args.labels else "file"
+    categories = ([UNLABELLED if label is None else label for label in emb.labels] if args.labels
+                  else emb.names)
+    for method in ("tsne", "pca"):
+        plot_embedding_map(emb, categories, colour_by, method, args.layer, args.seed, out / f"{method}.png")
+
+    centre = emb.utterances.mean(axis=0)  # see the module docstring: post-ReLU features need centring
+    similarity = cosine_matrix(emb.utterances - centre, emb.utterances - centre)
+    k = min(args.neighbours, len(emb.names) - 1)
+    nearest, distance = nearest_neighbours(similarity, k)
+    within, between = within_between(similarity, emb.labels if args.labels else list(emb.names))
+    agreement, chance = label_agreement(nearest, emb.labels)
+    numbers = {"within": within, "between": between, "k": k, "agreement": agreement, "chance": chance}
+    order = np.array(sorted(range(len(emb.names)), key=lambda i: (natural_key(categories[i]), emb.names[i])))
+    similarity_note = f"\nwithin label {within:.2f}, between labels {between:.2f}"
+    plot_similarity_heatmap(similarity, order, categories, colour_by, args.layer,
+                            similarity_note if args.labels else "", out / "similarity_heatmap.png")
+    plot_self_similarity(emb.example, centre, model, emb.names[0], args.layer, out / "self_similarity.png")
+    write_neighbours_csv(emb, nearest, distance, out / "nearest_neighbours.csv")
+    agreement_note = f"\n{100 * agreement:.0f}% share the query's label (chance {100 * chance:.0f}%)"
+    plot_neighbours(emb, nearest, distance, order, args.layer, agreement_note if args.labels else "",
+                    out / "nearest_neighbours.png")
+
+    figures += sample_figures + [
+        ("tsne.png", f"t-SNE of {args.layer} features: sampled frames (left) and per-file means (right), "
+                     f"coloured by {colour_by}."),
+        ("pca.png", "The first two principal components of the same frames and files, "
+                    f"coloured by {colour_by}."),
+        ("similarity_heatmap.png", "Cosine similarity between per-file mean embeddings (after subtracting "
+                                   f"their mean), files grouped by {colour_by}."),
+        ("self_similarity.png", f"Cosine similarity between every pair of frames of {emb.names[0]}."),
+        ("nearest_neighbours.png", f"The {k} nearest files of a spread of query files (every file is in "
+                                   "nearest_neighbours.csv); ✓ marks a neighbour with the query's label."),
+    ]
+    summary = summary_text(args, model, history, emb, len(found), len(files), numbers)
+    (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
+    write_index(out / "index.html", summary, figures)
+    log.info("%s", summary)
+    log.info("wrote %d figures, nearest_neighbours.csv, summary.txt and index.html to %s in %.1f s",
+             len(figures), out, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_cli(main)
