@@ -1,15 +1,24 @@
-"""Shared helpers for the entry scripts: the CLI error edge, logging, devices and labels."""
+"""Shared helpers for the entry scripts: the CLI error edge, logging, devices, labels and training."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import math
+import os
+import random
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from model import UserError
 
@@ -88,3 +97,244 @@ def labels_for_files(files: Sequence[str], source: str, data_dir: Path,
         tsv = data_dir / source  # a TSV named relative to the data folder
     table = read_label_table(tsv, column)
     return [table.get(f) for f in files]
+
+
+# ----- training: distributed set-up ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a torchrun job; rank 0 of 1 when started without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    cpu_group: object = None  # a gloo group for host-side votes (e.g. stop now?) that must not touch the GPU
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str = "auto") -> Distributed:
+    """Join the torchrun process group when RANK is set (nccl on CUDA, gloo on CPU); else a single process."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return Distributed(device=device)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return Distributed(rank, local_rank, world_size, device, cpu_group)
+
+
+def teardown_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_process_first(ddp: Distributed) -> Iterator[None]:
+    """Rank 0 runs the block first (writing caches, a demo corpus), then the other ranks (reading them)."""
+    if ddp.enabled and not ddp.is_main:
+        dist.barrier()
+    yield
+    if ddp.enabled and ddp.is_main:
+        dist.barrier()
+
+
+def any_rank(flag: bool, ddp: Distributed) -> bool:
+    """True on every rank when `flag` is true on any: a CPU all_reduce, so no host-device sync."""
+    if not ddp.enabled:
+        return flag
+    vote = torch.tensor([float(flag)])
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=ddp.cpu_group)
+    return bool(vote.item())
+
+
+# ----- training: precision, schedule, seeds, metrics, signals --------------------------------------
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The one mixed-precision context of a run: nullcontext for fp32, autocast to fp16 or bf16 otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("This GPU has no bf16 support: use --precision fp16 (or fp32).")
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate for update u (0-based): linear warm-up from about 0 over
+    `warmup` updates, then constant, or a cosine from 1 down to `min_ratio` at update `total`."""
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (update - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on all of `keys` (seed, rank, step...), unlike seed + step which repeats."""
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class MetricSums:
+    """Running sums of metric tensors, kept on the device; read (averaged over ranks) only when logged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, **metrics: torch.Tensor) -> None:
+        """Add one observation of every metric (the same names each time); no host transfer."""
+        for name, value in metrics.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += 1
+
+    def pop_means(self) -> dict[str, float | list[float]]:
+        """Means since the last call, averaged over ranks (one all_reduce, one host transfer); then reset."""
+        if not self.sums:
+            return {}
+        flat = torch.cat([value.reshape(-1) for value in self.sums.values()]) / self.count
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+        values, means = flat.tolist(), {}
+        for name, value in self.sums.items():
+            means[name] = values[:value.numel()] if value.dim() else values[0]
+            values = values[value.numel():]
+        self.sums, self.count = {}, 0
+        return means
+
+
+class StopRequest:
+    """SIGINT and SIGTERM set a flag so the training loop can finish its update, save and exit; a second
+    signal stops at once. Use as a context manager: the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __enter__(self) -> StopRequest:
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing this update, then saving and stopping "
+                    "(send it again to stop at once, without saving).", self.signal_name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+# ----- training: checkpoints and RNG state --------------------------------------------------------
+
+def ensure_writable_dir(folder: Path) -> None:
+    """Create `folder` and check that a file can be written in it, before any time is spent training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"Cannot write to the output folder {folder} ({err.strerror or err}): "
+                        "choose a writable --output-dir.") from None
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over it: a crash mid-save leaves
+    the previous file intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename itself durable; not every filesystem allows it
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+TRAINING_KEYS = ("config", "model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch",
+                 "best_valid_loss", "history", "rng", "args")
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    """A training checkpoint written by save_checkpoint, loaded without executing pickled code."""
+    if not path.is_file():
+        raise UserError(f"--resume found no checkpoint at {path}: start without --resume, or point "
+                        "--output-dir at the folder of the run to continue.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure means the file cannot be trusted
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is corrupt or not a checkpoint ({reason}): restore it from a numbered "
+                        "checkpoint_<step>.pt in the same folder, or start without --resume.") from None
+    missing = [key for key in TRAINING_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a training checkpoint of main.py (missing {', '.join(missing)}): "
+                        "resume from a latest.pt written by main.py.")
+    return ckpt
+
+
+def prune_numbered_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoint_<step>.pt files in `folder` (keep 0: delete none)."""
+    numbered = sorted(folder.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    for path in numbered[:-keep] if keep > 0 else []:
+        path.unlink(missing_ok=True)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'field: saved X, now Y' for every model-config field that differs between two config dicts."""
+    def short(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return [f"{key}: saved {short(saved.get(key))}, now {short(current.get(key))}"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+def capture_rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and Python RNG states, as tensors and lists so weights_only loads them."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+            "python": [version, list(python_state), gauss_next]}
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of capture_rng_state; CUDA states are restored only onto the same number of devices."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    version, python_state, gauss_next = state["python"]
+    random.setstate((version, tuple(python_state), gauss_next))

@@ -1,0 +1,668 @@
+"""Pre-train wav2vec 1.0 on a folder of audio: one process (CPU or GPU), or many GPUs and nodes with torchrun.
+
+    python main.py --demo            # synthesise a small corpus, pre-train on it (about 70 s on 2 cores)
+    python main.py --data-dir DIR --precision bf16
+    torchrun --nproc_per_node 8 main.py --data-dir DIR --precision bf16
+
+The run is meant to be killed and restarted: <output-dir>/latest.pt is written every epoch, every
+--save-every updates and on SIGINT/SIGTERM (the loop finishes its update first), and --resume continues
+from it exactly (same step, schedule, loss scale, data order and distractors).
+
+Optimisation: AdamW (0.9, 0.999), the gradient norm clipped to 5. The learning rate warms up linearly from
+about 0 over --warmup-updates, then stays at --lr (the seed's constant schedule) or, with --lr-schedule
+cosine, follows a cosine down to --min-lr at --max-updates: fairseq's recipe for wav2vec large is
+--lr 5e-3 --warmup-updates 500 --max-updates 400000 (fp16, 1e-6 at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from data import (
+    SAMPLE_RATE,
+    CropDataset,
+    EpochSampler,
+    PackedCropDataset,
+    build_manifest,
+    make_demo_corpus,
+    make_loader,
+    prepare_packed_corpus,
+    split_manifest,
+)
+from model import PRESETS, UserError, Wav2Vec, Wav2VecConfig, sample_cross_distractors, sample_distractors
+from utils import (
+    PRECISIONS,
+    Distributed,
+    MetricSums,
+    StopRequest,
+    any_rank,
+    autocast_context,
+    capture_rng_state,
+    config_differences,
+    derived_seed,
+    ensure_writable_dir,
+    load_training_checkpoint,
+    lr_lambda,
+    main_process_first,
+    prune_numbered_checkpoints,
+    restore_rng_state,
+    run_cli,
+    save_checkpoint,
+    setup_distributed,
+    setup_logging,
+    teardown_distributed,
+)
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path("data/demo")
+# A small model that learns visibly in about a minute on a 2-core CPU; explicit flags override these.
+# InfoNCE: on the demo corpus the binary loss first falls to its trivial value (every score -ln 10, 4.835
+# bits) and stays there within this budget. One thread: on a CPU shared with other jobs, two OpenMP
+# threads that wait for each other made the demo 8 times slower (544 s against 66 s).
+DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000, batch_size=8, epochs=100,
+                     max_updates=400, lr=2e-3, lr_schedule="cosine", warmup_updates=40, precision="bf16",
+                     loss_type="infonce", num_workers=0, threads=1, log_every=10, valid_fraction=0.05)
+MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run diverged: stop it
+VALID_SEED_KEY = 1 << 30  # distractor seeds for validation batches, apart from the training steps'
+
+
+# ----- command line -------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def offset_type(text: str) -> int | str:
+    return "auto" if text == "auto" else non_negative_int(text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a flag's default only where there is one (not for switches and optional paths)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        hidden = action.default is None or action.default is False
+        return action.help if hidden else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, grouped as in --help: data, model, objective, optimisation, speed, checkpoints."""
+    parser = argparse.ArgumentParser(
+        description="Pre-train wav2vec 1.0 (Schneider et al. 2019) on a folder of unlabeled audio.",
+        formatter_class=HelpFormatter,
+        epilog="fairseq's wav2vec large recipe: --model wav2vec_large --lr 5e-3 --lr-schedule cosine "
+               "--warmup-updates 500 --max-updates 400000 --precision fp16. Multi-GPU: torchrun "
+               "--nproc_per_node N main.py ... (the batch size is per GPU).")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", help="folder of audio files, searched recursively (wav flac mp3 ogg m4a)")
+    data.add_argument("--demo", action="store_true",
+                      help=f"synthesise a demo corpus into {DEMO_DIR}/ if absent and pre-train a small model "
+                           "on it (about 70 s on a 2-core CPU); flags given explicitly override its settings")
+    data.add_argument("--packed-dir",
+                      help="decode the corpus once into this folder (16 kHz int16 memmap) and read crops "
+                           "from there: faster for compressed or resampled audio")
+    data.add_argument("--sample-rate", type=int, default=SAMPLE_RATE,
+                      help="the model's rate; audio at other rates is resampled to it: only 16000 is valid")
+    data.add_argument("--segment-length", type=positive_int, default=32000,
+                      help="crop length in samples (32000 = 2 s at 16 kHz)")
+    data.add_argument("--valid-fraction", type=float, default=0.05,
+                      help="share of the files held out for validation (chosen by a hash of the path)")
+    data.add_argument("--use-transforms", action="store_true",
+                      help="augment training crops: random time shift, gain and additive noise")
+    data.add_argument("--pad-short", action="store_true",
+                      help="zero-pad files shorter than one crop instead of skipping them")
+    data.add_argument("--num-workers", type=non_negative_int, default=4,
+                      help="DataLoader worker processes per training process (0: load in the main process)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
+                       help="wav2vec: the paper's base (5 + 9 conv layers); wav2vec_large: the released one")
+    model.add_argument("--channels", type=positive_int, default=512, help="width of every layer")
+
+    objective = parser.add_argument_group("objective")
+    objective.add_argument("--num-steps", type=positive_int, default=12, help="prediction steps K")
+    objective.add_argument("--num-negatives", type=non_negative_int, default=10,
+                           help="distractors per target frame, from the same utterance")
+    objective.add_argument("--cross-negatives", type=non_negative_int, default=0,
+                           help="extra distractors per target frame drawn from the whole batch")
+    objective.add_argument("--offset", type=offset_type, default="auto",
+                           help="first predicted frame is t + offset; auto = ceil(receptive field / stride) "
+                                "= 3, fairseq's; 1 is the paper's z(t+k)")
+    objective.add_argument("--loss-type", choices=("contrastive", "infonce"), default="contrastive",
+                           help="binary contrastive loss (paper eq. 1) or InfoNCE")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=positive_int, default=100, help="passes over the training crops")
+    optim.add_argument("--max-updates", type=positive_int, default=None,
+                       help="stop after this many optimizer updates (default: epochs x updates per epoch); "
+                            "also the length of the cosine schedule")
+    optim.add_argument("--batch-size", type=positive_int, default=8, help="crops per micro-batch and process")
+    optim.add_argument("--accumulate-steps", type=positive_int, default=1,
+                       help="micro-batches per update: the same update as one batch this many times larger")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (0.9, 0.999)")
+    optim.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="after the warm-up: constant, or cosine down to --min-lr at --max-updates "
+                            "(fairseq's recipe)")
+    optim.add_argument("--warmup-updates", type=non_negative_int, default=0,
+                       help="linear warm-up of the learning rate from about 0 over this many updates")
+    optim.add_argument("--min-lr", type=float, default=1e-6, help="where the cosine schedule ends")
+    optim.add_argument("--weight-decay", type=float, default=0.0,
+                       help="decoupled weight decay on conv and projection weights (not norms, biases)")
+    optim.add_argument("--clip-norm", type=float, default=5.0,
+                       help="clip the global gradient norm to this (0: no clipping)")
+    optim.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seeds the initial weights, data order, crops and distractors")
+
+    speed = parser.add_argument_group("precision & speed")
+    speed.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                       help="bf16: autocast, no loss scaling (fast on recent GPUs and on CPUs with AMX); "
+                            "fp16: autocast with a dynamic loss scale")
+    speed.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                       help="the same as --precision fp16")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (slow start, faster steps)")
+    speed.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    speed.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads per process (default: PyTorch's, one per core); 1 is faster on a "
+                            "CPU that other jobs share")
+
+    checkpoints = parser.add_argument_group("checkpoints & logging")
+    checkpoints.add_argument("--output-dir", default="checkpoints",
+                             help="checkpoints, train.log and the TensorBoard run (tensorboard/)")
+    checkpoints.add_argument("--resume", action="store_true",
+                             help="continue exactly from <output-dir>/latest.pt; flags other than the "
+                                  "model's may change (e.g. --max-updates, --lr)")
+    checkpoints.add_argument("--save-every", type=non_negative_int, default=1000,
+                             help="also write latest.pt and checkpoint_<step>.pt every this many "
+                                  "updates (0: off)")
+    checkpoints.add_argument("--keep-last", type=non_negative_int, default=2,
+                             help="keep only the newest N checkpoint_<step>.pt files (0: keep all)")
+    checkpoints.add_argument("--log-every", type=positive_int, default=20,
+                             help="updates between log lines, TensorBoard points and history entries")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; with --demo its defaults apply to every flag not given explicitly."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+    if args.data_dir is None:
+        raise UserError("Give --data-dir DIR (a folder of audio files to pre-train on), "
+                        "or run `python main.py --demo` to try it on a synthetic corpus.")
+    if args.sample_rate != SAMPLE_RATE:
+        raise UserError(f"--sample-rate must be {SAMPLE_RATE}: wav2vec works on 16 kHz audio and files at "
+                        "other rates are resampled to it automatically.")
+    return args
+
+
+def build_config(args: argparse.Namespace) -> Wav2VecConfig:
+    """The model configuration, built only from a preset plus the flags that override it."""
+    return Wav2VecConfig.preset(args.model, channels=args.channels, prediction_steps=args.num_steps,
+                                num_negatives=args.num_negatives, cross_negatives=args.cross_negatives,
+                                offset=args.offset, loss_type=args.loss_type)
+
+
+# ----- data ---------------------------------------------------------------------------------------
+
+def ensure_demo_corpus(folder: Path) -> None:
+    """Synthesise the demo corpus into `folder` unless it already holds audio."""
+    if not any(folder.rglob("*.wav")):
+        log.info("Synthesising the demo corpus into %s", folder)
+        make_demo_corpus(folder)
+
+
+def build_loaders(args: argparse.Namespace, ddp: Distributed) -> tuple[DataLoader, DataLoader | None]:
+    """Training loader (sharded, shuffled, seeded per epoch) and validation loader (centre crops), or None."""
+    with main_process_first(ddp):  # rank 0 writes the manifest cache and packed corpus, the others read them
+        if args.demo:
+            ensure_demo_corpus(Path(args.data_dir))
+        entries = build_manifest(args.data_dir)
+        if args.packed_dir:
+            prepare_packed_corpus(args.data_dir, entries, args.packed_dir)
+    train_entries, valid_entries = split_manifest(entries, args.valid_fraction)
+
+    def dataset(entries, train):
+        options = dict(segment_length=args.segment_length, train=train, transforms=args.use_transforms,
+                       pad_short=args.pad_short, seed=args.seed)
+        if args.packed_dir:
+            return PackedCropDataset(args.packed_dir, entries=entries, **options)
+        return CropDataset(args.data_dir, entries, **options)
+
+    def loader(ds, train):
+        sampler = EpochSampler(len(ds), shuffle=train, seed=args.seed, rank=ddp.rank,
+                               world_size=ddp.world_size, drop_last=train)
+        pin_memory = ddp.device.type == "cuda"
+        return make_loader(ds, sampler, args.batch_size, args.num_workers, pin_memory, args.seed)
+
+    train_loader = loader(dataset(train_entries, True), True)
+    if len(train_loader) < args.accumulate_steps:
+        raise UserError(f"One update needs {args.accumulate_steps} batches of {args.batch_size} crops per "
+                        f"process but there are only {len(train_loader)}: lower --batch-size or "
+                        "--accumulate-steps, or add audio.")
+    if not valid_entries:
+        log.warning("No validation files (--valid-fraction %s): no validation loss, no best_model.pt.",
+                    args.valid_fraction)
+        return train_loader, None
+    return train_loader, loader(dataset(valid_entries, False), False)
+
+
+def next_batch(batches: Iterator[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The next wav (B, L) on `device`, copied asynchronously from pinned memory; None when the epoch ends."""
+    wav = next(batches, None)
+    return None if wav is None else wav.to(device, non_blocking=True)
+
+
+def draw_distractors(model: Wav2Vec, batch_size: int, length: int, micro_batches: int,
+                     generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(negatives (B, N, T), cross negatives (B, N', T) or None) for each micro-batch of one update, from
+    `generator` alone. In-utterance ones are drawn for all micro-batches at once, so k accumulated
+    batches of B get exactly the distractors one batch of kB would."""
+    cfg, frames, device = model.config, model.num_frames(length), generator.device
+    negatives = sample_distractors(micro_batches * batch_size, frames, cfg.num_negatives, device, generator)
+    return [(n, sample_cross_distractors(batch_size, frames, cfg.cross_negatives, device, generator)
+             if cfg.cross_negatives else None) for n in negatives.split(batch_size)]
+
+
+# ----- model, optimizer, checkpoints --------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where training stands; stored in every checkpoint so that --resume continues exactly."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # updates done in the current epoch
+    best_valid_loss: float = math.inf
+    history: dict = field(default_factory=lambda: {"train": [], "valid": []})
+
+
+def build_optimizer(model: Wav2Vec, args: argparse.Namespace) -> torch.optim.AdamW:
+    """Fused AdamW (0.9, 0.999); weight decay on conv and projection weights only, never norms and biases.
+    Fused, because it can skip a non-finite update on the device (found_inf) without a host sync."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
+
+
+def checkpoint_payload(model: Wav2Vec, optimizer, scheduler, scaler, progress: Progress,
+                       args: argparse.Namespace) -> dict:
+    """Everything --resume needs, as plain types and tensors (loadable with weights_only=True)."""
+    return {"config": model.config.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), **asdict(progress), "rng": capture_rng_state(), "args": vars(args)}
+
+
+def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argparse.Namespace) -> Progress:
+    """Restore model, optimizer, schedule, loss scale, RNG and progress from `path`; the peak learning rate
+    and the schedule's shape follow the current flags."""
+    ckpt = load_training_checkpoint(path)
+    differences = config_differences(ckpt["config"], model.config.to_dict())
+    if differences:
+        raise UserError(f"{path} holds a model of another configuration ({'; '.join(differences)}): resume "
+                        "with the flags it was trained with, or start a new run in another --output-dir.")
+    changed = sorted(k for k, v in vars(args).items() if ckpt["args"].get(k, v) != v and k != "resume")
+    if changed:
+        log.info("Flags changed since the checkpoint: %s",
+                 ", ".join(f"--{k.replace('_', '-')}" for k in changed))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = args.lr, args.lr * scheduler.lr_lambdas[0](ckpt["step"])
+    if ckpt["scaler"] and scaler.is_enabled():  # empty when the run was not fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"])
+    log.info("Resumed from %s at step %d (epoch %d, update %d of it).", path, ckpt["step"], ckpt["epoch"],
+             ckpt["batch_in_epoch"])
+    return Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_valid_loss"],
+                    ckpt["history"])
+
+
+def optimizer_step(model: Wav2Vec, optimizer, scaler, clip_norm: float,
+                   loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale, clip, step: (gradient norm, non-finite flag). An update whose loss or gradients are not
+    finite is skipped on the device (fused AdamW's found_inf), so nothing waits for the host."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
+    nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    optimizer.found_inf = nonfinite.float()
+    optimizer.step()
+    del optimizer.found_inf
+    scaler.update()  # fp16: lowers the loss scale after an overflow; a no-op otherwise
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, nonfinite
+
+
+@torch.no_grad()
+def validate(model: Wav2Vec, loader: DataLoader, autocast, seed: int, ddp: Distributed) -> dict:
+    """Mean loss (nats, bits) and accuracy over the validation crops, averaged over ranks. Distractors are
+    fixed per batch (a seeded generator), so the numbers compare across epochs."""
+    model.eval()
+    sums, generator = MetricSums(), torch.Generator(ddp.device)
+    for index, wav in enumerate(loader):
+        wav = wav.to(ddp.device, non_blocking=True)
+        generator.manual_seed(derived_seed(seed, VALID_SEED_KEY, ddp.rank, index))
+        [(negatives, cross)] = draw_distractors(model, wav.shape[0], wav.shape[1], 1, generator)
+        with autocast:
+            loss, metrics = model(wav, negatives, cross)
+        sums.add(loss=loss, loss_bits=metrics["loss_bits"], accuracy=metrics["accuracy"])
+    model.train()
+    return sums.pop_means()
+
+
+# ----- logging ------------------------------------------------------------------------------------
+
+class TrainingLog:
+    """Training and validation metrics to the progress bar, train.log, TensorBoard and the checkpoint
+    history. Metrics stay tensors on the device until a log interval; only rank 0 writes."""
+
+    def __init__(self, output_dir: Path, progress: Progress, total_updates: int, audio_per_update: float,
+                 ddp: Distributed):
+        self.history, self.is_main, self.device = progress.history, ddp.is_main, ddp.device
+        self.audio_per_update = audio_per_update  # seconds of audio in one update, over all ranks
+        self.writer = SummaryWriter(output_dir / "tensorboard", purge_step=progress.step + 1) \
+            if ddp.is_main else None
+        self.bar = tqdm(total=total_updates, initial=progress.step, unit="update", dynamic_ncols=True,
+                        disable=not ddp.is_main)
+        self.micro_batches, self.updates = MetricSums(), MetricSums()
+        self.streak = torch.zeros((), device=ddp.device)  # non-finite updates in a row, on the device
+        self.nonfinite_streak, self.skipped = 0, 0
+        self.restart_clock(progress.step)
+
+    def restart_clock(self, step: int) -> None:
+        """Throughput counts from here, leaving out validation and checkpoint time."""
+        self.clock_step, self.clock = step, time.perf_counter()
+
+    def add_micro_batch(self, loss: torch.Tensor, metrics: dict) -> None:
+        self.micro_batches.add(loss=loss, loss_bits=metrics["loss_bits"], accuracy=metrics["accuracy"],
+                               accuracy_per_step=metrics["accuracy_per_step"])
+
+    def add_update(self, grad_norm: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        finite = (~nonfinite).float()
+        self.updates.add(grad_norm=torch.where(nonfinite, 0.0, grad_norm), finite=finite)
+        self.streak = (self.streak + 1) * (1 - finite)
+        self.bar.update()
+
+    def write_train(self, step: int, epoch: int, lr: float, loss_scale: float) -> None:
+        """Average the interval over ranks (the loop's only host sync) and write it everywhere."""
+        updates_done = self.updates.count
+        means, updates = self.micro_batches.pop_means(), self.updates.pop_means()
+        self.nonfinite_streak = int(self.streak.item())
+        self.skipped += round((1 - updates["finite"]) * updates_done)
+        seconds = max(1e-9, time.perf_counter() - self.clock)
+        rate = (step - self.clock_step) * self.audio_per_update / seconds
+        self.restart_clock(step)
+        entry = {"step": step, "epoch": epoch, "loss": means["loss"], "loss_bits": means["loss_bits"],
+                 "accuracy": means["accuracy"], "accuracy_per_step": means["accuracy_per_step"], "lr": lr}
+        self.history["train"].append(entry)
+        if not self.is_main:
+            return
+        grad_norm = updates["grad_norm"] / updates["finite"] if updates["finite"] else math.nan
+        scalars = {"train/loss_bits": entry["loss_bits"], "train/accuracy": entry["accuracy"], "train/lr": lr,
+                   "train/grad_norm": grad_norm, "train/loss_scale": loss_scale,
+                   "train/skipped_updates": self.skipped, "speed/audio_seconds_per_second": rate}
+        for k, accuracy in enumerate(entry["accuracy_per_step"]):
+            scalars[f"train_accuracy_per_step/k{k + 1:02d}"] = accuracy
+        if self.device.type == "cuda":
+            scalars["cuda/memory_allocated_gb"] = torch.cuda.memory_allocated(self.device) / 2**30
+            scalars["cuda/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.bar.set_postfix(loss_bits=f"{entry['loss_bits']:.3f}", acc=f"{entry['accuracy']:.3f}",
+                             lr=f"{lr:.2e}", audio_s_per_s=f"{rate:.1f}")
+        log.info("step %d epoch %d | loss %.4f (%.3f bits) | accuracy %.3f | lr %.2e | grad norm %.3f | "
+                 "loss scale %g | %.1f audio-s/s | skipped %d", step, epoch, entry["loss"],
+                 entry["loss_bits"], entry["accuracy"], lr, grad_norm, loss_scale, rate, self.skipped)
+
+    def write_valid(self, step: int, epoch: int, means: dict, is_best: bool) -> None:
+        self.history["valid"].append({"step": step, "epoch": epoch, "loss": means["loss"],
+                                      "loss_bits": means["loss_bits"], "accuracy": means["accuracy"]})
+        if not self.is_main:
+            return
+        self.writer.add_scalar("valid/loss_bits", means["loss_bits"], step)
+        self.writer.add_scalar("valid/accuracy", means["accuracy"], step)
+        log.info("validation after epoch %d (step %d) | loss %.4f (%.3f bits) | accuracy %.3f%s", epoch, step,
+                 means["loss"], means["loss_bits"], means["accuracy"], " | best so far" if is_best else "")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----- training -----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One training run: the model (plain and as called), its optimizer, schedule, loss scale, data and
+    progress, with the steps the loop takes: update, log, validate, save."""
+
+    args: argparse.Namespace
+    ddp: Distributed
+    out: Path
+    model: Wav2Vec  # the plain module: checkpoints, validation and distractor shapes use it
+    trained: torch.nn.Module  # what the loop calls: the model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: AbstractContextManager
+    train_loader: DataLoader
+    valid_loader: DataLoader | None
+    progress: Progress
+    updates_per_epoch: int
+    total_updates: int
+    log: TrainingLog
+    saved: list[tuple[Path, int]]  # (checkpoint, step) written so far: the last is named if the run must stop
+    last_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(self.ddp.device)
+
+    def update(self, wav: torch.Tensor, batches: Iterator[torch.Tensor]) -> torch.Tensor | None:
+        """One optimizer update over --accumulate-steps micro-batches, the first being wav (B, L); returns
+        the batch that follows them, loaded while the device computed."""
+        args, ddp, accumulate = self.args, self.ddp, self.args.accumulate_steps
+        # Distractors depend on (seed, rank, step) only: a resumed run draws the same ones.
+        self.generator.manual_seed(derived_seed(args.seed, ddp.rank, self.progress.step))
+        distractors = draw_distractors(self.model, args.batch_size, args.segment_length, accumulate,
+                                       self.generator)
+        loss_sum = torch.zeros((), device=ddp.device)
+        for micro, (negatives, cross) in enumerate(distractors):
+            # DDP all-reduces the gradients once per update, in the backward pass of the last micro-batch.
+            no_sync = ddp.enabled and micro < accumulate - 1
+            with self.trained.no_sync() if no_sync else nullcontext():
+                with self.autocast:
+                    loss, metrics = self.trained(wav, negatives, cross)
+                wav = next_batch(batches, ddp.device)  # load the next batch while the device computes
+                self.scaler.scale(loss / accumulate).backward()
+            loss_sum += loss.detach()
+            self.log.add_micro_batch(loss.detach(), metrics)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm, nonfinite = optimizer_step(self.model, self.optimizer, self.scaler, args.clip_norm,
+                                              loss_sum)
+        self.scheduler.step()
+        self.log.add_update(grad_norm, nonfinite)
+        self.progress.step += 1
+        self.progress.batch_in_epoch += 1
+        return wav
+
+    def write_log(self) -> None:
+        """Log the interval; stop the run when the recent updates were all skipped as non-finite."""
+        self.log.write_train(self.progress.step, self.progress.epoch, self.last_lr, self.scaler.get_scale())
+        if self.log.nonfinite_streak >= MAX_NONFINITE_UPDATES:
+            raise UserError(self.diverged_message())
+
+    def save(self, *names: str) -> None:
+        """Write the checkpoint under each name in the output folder, atomically (rank 0 only)."""
+        if self.ddp.is_main:
+            payload = checkpoint_payload(self.model, self.optimizer, self.scheduler, self.scaler,
+                                         self.progress, self.args)
+            for name in names:
+                save_checkpoint(payload, self.out / name)
+            prune_numbered_checkpoints(self.out, self.args.keep_last)
+            log.info("Saved %s at step %d.", ", ".join(names), self.progress.step)
+        self.saved.append((self.out / names[0], self.progress.step))
+        self.log.restart_clock(self.progress.step)
+
+    def validate_and_save(self, epoch_done: bool) -> None:
+        """Validate, keep best_model.pt for the lowest validation loss, and save latest.pt."""
+        names, progress = ["latest.pt"], self.progress
+        if self.valid_loader is not None:
+            means = validate(self.model, self.valid_loader, self.autocast, self.args.seed, self.ddp)
+            is_best = means["loss"] < progress.best_valid_loss
+            if is_best:
+                progress.best_valid_loss = means["loss"]
+                names.append("best_model.pt")
+            self.log.write_valid(progress.step, progress.epoch, means, is_best)
+        if epoch_done:  # the checkpoint resumes at the start of the next epoch
+            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+            if self.ddp.is_main and self.train_loader.dataset.num_read_errors:
+                log.warning("%d unreadable files skipped so far.", self.train_loader.dataset.num_read_errors)
+        self.save(*names)
+
+    def diverged_message(self) -> str:
+        """Why the run stops after many non-finite updates, and where to restart from."""
+        fp16 = self.args.precision == "fp16"
+        cause = "fp16 overflowed or training diverged" if fp16 else "training diverged"
+        last = (f"the last good checkpoint is {self.saved[-1][0]} (step {self.saved[-1][1]})" if self.saved
+                else "no checkpoint has been saved yet")
+        return (f"The loss or gradients were not finite for {self.log.nonfinite_streak} updates in a row up "
+                f"to step {self.progress.step} ({cause}): {last}; lower --lr, raise --warmup-updates or use "
+                "--precision bf16/fp32, and check the audio.")
+
+
+def prepare_output_dir(args: argparse.Namespace, ddp: Distributed) -> Path:
+    """The output folder, checked writable, with train.log; refuses to overwrite a run without --resume."""
+    out = Path(args.output_dir)
+    if ddp.is_main:
+        ensure_writable_dir(out)
+    setup_logging(out / "train.log" if ddp.is_main else None,
+                  logging.INFO if ddp.is_main else logging.WARNING)
+    if ddp.is_main and not args.resume and (out / "latest.pt").exists():
+        raise UserError(f"{out} already holds a run (latest.pt): continue it with --resume, or start a new "
+                        "one with another --output-dir.")
+    return out
+
+
+def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
+    """Data, model, optimizer, schedule and loss scale, restored from latest.pt with --resume."""
+    out = prepare_output_dir(args, ddp)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if ddp.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # every crop has the same length
+    train_loader, valid_loader = build_loaders(args, ddp)
+    updates_per_epoch = len(train_loader) // args.accumulate_steps
+    total_updates = min(args.max_updates or math.inf, args.epochs * updates_per_epoch)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = Wav2Vec(build_config(args)).to(ddp.device)
+    optimizer = build_optimizer(model, args)
+    schedule = lr_lambda(args.lr_schedule, args.warmup_updates, total_updates, args.min_lr / args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(ddp.device.type, enabled=args.precision == "fp16")
+    progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args) if args.resume \
+        else Progress()
+    trained = torch.compile(model) if args.compile else model
+    if ddp.enabled:
+        device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
+        trained = DistributedDataParallel(trained, device_ids=device_ids)
+
+    log.info("%s, %s parameters, %s on %s x %d | %d updates per epoch of %d x %d x %d crops of %d samples; "
+             "%d updates in all", args.model, f"{model.num_parameters():,}", args.precision, ddp.device,
+             ddp.world_size, updates_per_epoch, args.batch_size, args.accumulate_steps, ddp.world_size,
+             args.segment_length, total_updates)
+    audio_per_update = (args.batch_size * args.accumulate_steps * ddp.world_size * args.segment_length
+                        / SAMPLE_RATE)
+    training_log = TrainingLog(out, progress, total_updates, audio_per_update, ddp)
+    saved = [(out / "latest.pt", progress.step)] if args.resume else []
+    return Run(args, ddp, out, model, trained, optimizer, scheduler, scaler,
+               autocast_context(ddp.device, args.precision), train_loader, valid_loader, progress,
+               updates_per_epoch, total_updates, training_log, saved)
+
+
+def train_loop(run: Run, stop: StopRequest) -> None:
+    """Updates, epoch after epoch, until --max-updates, --epochs or a signal; validation and checkpoints
+    after every epoch, every --save-every updates and on the way out."""
+    args, progress = run.args, run.progress
+    start_step = progress.step
+    while progress.step < run.total_updates and not stop.requested:
+        # A mid-epoch resume skips the crops this epoch has already trained on.
+        done = progress.batch_in_epoch * args.batch_size * args.accumulate_steps
+        run.train_loader.sampler.set_epoch(progress.epoch, start=done)
+        batches = iter(run.train_loader)
+        wav = next_batch(batches, run.ddp.device)
+        while progress.batch_in_epoch < run.updates_per_epoch and progress.step < run.total_updates:
+            wav = run.update(wav, batches)
+            if progress.step % args.log_every == 0:
+                run.write_log()
+            if args.save_every and progress.step % args.save_every == 0:
+                run.save("latest.pt", f"checkpoint_{progress.step}.pt")
+            if any_rank(stop.requested, run.ddp):  # every rank stops after the same update
+                stop.signal_name = stop.signal_name or "a signal to another rank"
+                break
+        if progress.batch_in_epoch == run.updates_per_epoch:
+            run.validate_and_save(epoch_done=True)
+
+    if stop.requested:
+        if not run.saved or run.saved[-1][1] != progress.step:  # unless the epoch's end has just saved it
+            run.save("latest.pt")
+        log.info("Stopped by %s at step %d; continue with --resume.", stop.signal_name, progress.step)
+        return
+    if progress.batch_in_epoch and progress.step > start_step:  # ended mid-epoch, at --max-updates
+        run.validate_and_save(epoch_done=False)
+    log.info("Done: %d updates; best validation loss %.4f nats; checkpoints in %s", progress.step,
+             progress.best_valid_loss, run.out)
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Pre-train as the flags say; under torchrun every rank calls this. Returns the output folder."""
+    ddp = setup_distributed(args.device)
+    try:
+        with StopRequest() as stop, logging_redirect_tqdm():
+            run = setup_run(args, ddp)
+            try:
+                train_loop(run, stop)
+            finally:
+                run.log.close()
+        return run.out
+    finally:
+        teardown_distributed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

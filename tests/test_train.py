@@ -1,0 +1,286 @@
+"""Pre-training (main.py): checkpoints, exact resume, accumulation, precision, DDP, signals and bad input.
+
+Tiny configs on a small synthetic corpus; subprocesses only where a test needs a separate process
+(torchrun, SIGTERM, the command line's error text)."""
+
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import main
+from data import make_demo_corpus
+from model import UserError, Wav2Vec
+from utils import lr_lambda, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """10 files of 1 s (2 speakers); --valid-fraction 0.2 holds out 1, so an epoch is 4 batches of 2."""
+    return make_demo_corpus(tmp_path_factory.mktemp("corpus"), num_speakers=2, files_per_speaker=5,
+                            seconds_per_file=1.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that
+    wait for each other make steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """main.train reconfigures the root logger (train.log); give the next test back what it had."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
+
+
+def tiny_flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data_dir), "--output-dir", str(out), "--channels", "32", "--segment-length",
+            "6000", "--batch-size", "2", "--epochs", "2", "--log-every", "1", "--num-workers", "0",
+            "--valid-fraction", "0.2", "--save-every", "0", "--device", "cpu", *extra]
+
+
+def train(data_dir: Path, out: Path, *extra: str) -> dict:
+    """Train in this process; the checkpoint it leaves in latest.pt."""
+    main.train(main.parse_args(tiny_flags(data_dir, out, *extra)))
+    return load(out / "latest.pt")
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=ONE_THREAD)
+
+
+def train_losses(ckpt: dict) -> list[float]:
+    return [entry["loss"] for entry in ckpt["history"]["train"]]
+
+
+# ----- a run and its outputs ----------------------------------------------------------------------
+
+def test_short_run_writes_checkpoints_and_tensorboard_and_the_loss_goes_down(corpus, tmp_path):
+    ckpt = train(corpus, tmp_path, "--epochs", "3", "--save-every", "5", "--keep-last", "1")
+    assert {"config", "model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch",
+            "best_valid_loss", "history", "rng", "args"} <= set(ckpt)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (12, 3, 0)
+    assert [p.name for p in tmp_path.glob("checkpoint_*.pt")] == ["checkpoint_10.pt"]  # 5 pruned
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert "validation after epoch 2" in (tmp_path / "train.log").read_text()
+    losses = train_losses(ckpt)
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+    assert len(ckpt["history"]["valid"]) == 3
+    assert Wav2Vec.from_pretrained(tmp_path / "best_model.pt").config.to_dict() == ckpt["config"]
+
+
+def test_best_model_is_the_epoch_with_the_lowest_validation_loss(corpus, tmp_path):
+    train(corpus, tmp_path, "--epochs", "2")
+    # Continue with a learning rate far too high: later epochs get worse, so latest is not best.
+    ckpt = train(corpus, tmp_path, "--epochs", "4", "--lr", "0.5", "--resume")
+    valid = ckpt["history"]["valid"]
+    best = min(valid, key=lambda entry: entry["loss"])
+    assert best is not valid[-1], "the setup must make a later epoch worse"
+    best_ckpt = load(tmp_path / "best_model.pt")
+    assert (best_ckpt["step"], best_ckpt["best_valid_loss"]) == (best["step"], best["loss"])
+    assert ckpt["best_valid_loss"] == best["loss"]
+
+
+def test_stopped_and_resumed_run_follows_the_uninterrupted_one(corpus, tmp_path):
+    straight = train(corpus, tmp_path / "straight", "--max-updates", "7")
+    train(corpus, tmp_path / "resumed", "--max-updates", "3")  # stops in the middle of epoch 0
+    resumed = train(corpus, tmp_path / "resumed", "--max-updates", "7", "--resume")
+    assert resumed["step"] == straight["step"] == 7
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-6)
+    for name, weight in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], weight, msg=name)
+
+
+def test_two_accumulated_batches_make_the_same_update_as_one_double_batch(corpus, tmp_path):
+    unclipped = ("--max-updates", "1", "--clip-norm", "0")  # clipping would hide a gradient twice too big
+    double = train(corpus, tmp_path / "double", "--batch-size", "4", *unclipped)
+    accumulated = train(corpus, tmp_path / "accumulated", "--batch-size", "2", "--accumulate-steps", "2",
+                        *unclipped)
+    assert train_losses(accumulated) == pytest.approx(train_losses(double), rel=1e-6)
+    # After one AdamW update exp_avg is 0.1 x the gradient: compare the gradients themselves.
+    for state_double, state_accumulated in zip(double["optimizer"]["state"].values(),
+                                               accumulated["optimizer"]["state"].values(), strict=True):
+        torch.testing.assert_close(state_accumulated["exp_avg"], state_double["exp_avg"], rtol=1e-5,
+                                   atol=1e-8)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(corpus, tmp_path, precision):
+    ckpt = train(corpus, tmp_path, "--precision", precision, "--max-updates", "3")
+    assert ckpt["step"] == 3 and all(math.isfinite(x) for x in train_losses(ckpt))
+    assert bool(ckpt["scaler"]) == (precision == "fp16")  # a loss scale only where fp16 needs one
+    assert all(p.dtype == torch.float32 for p in ckpt["model"].values())
+
+
+def test_fp16_alias_selects_fp16():
+    assert main.parse_args(["--data-dir", "x", "--fp16"]).precision == "fp16"
+
+
+def test_demo_defaults_give_way_to_explicit_flags():
+    args = main.parse_args(["--demo", "--channels", "48"])
+    assert args.channels == 48 and args.segment_length == main.DEMO_DEFAULTS["segment_length"]
+    assert args.data_dir == str(main.DEMO_DIR)
+
+
+def test_non_finite_updates_are_skipped_and_a_long_streak_stops_the_run(tmp_path):
+    data_dir = tmp_path / "nan"
+    data_dir.mkdir()
+    for k in range(8):
+        wav = np.random.default_rng(k).standard_normal(6000).astype(np.float32) * 0.1
+        wav[::100] = np.nan
+        sf.write(data_dir / f"{k}.wav", wav, 16000, subtype="FLOAT")
+    with pytest.raises(UserError, match="not finite for 20 updates in a row") as error:
+        train(data_dir, tmp_path / "out", "--epochs", "100", "--log-every", "10", "--batch-size", "1",
+              "--valid-fraction", "0")  # 8 updates per epoch
+    assert "last good checkpoint" in str(error.value)
+    ckpt = load(tmp_path / "out" / "latest.pt")  # written at an epoch's end, during the streak
+    assert all(torch.isfinite(p).all() for p in ckpt["model"].values())  # every update was skipped
+
+
+def test_unreadable_and_truncated_audio_files_are_skipped(corpus, tmp_path):
+    data_dir = tmp_path / "corpus"
+    shutil.copytree(corpus, data_dir, ignore=shutil.ignore_patterns(".*"))
+    wavs = sorted(data_dir.rglob("*.wav"))
+    wavs[0].write_bytes(wavs[0].read_bytes()[:30])  # cut inside the header: unreadable when scanned
+    flac = wavs[1].with_suffix(".flac")  # a FLAC cut short still promises every frame: fails when read
+    sf.write(flac, sf.read(wavs[1])[0], 16000)
+    wavs[1].unlink()
+    flac.write_bytes(flac.read_bytes()[:flac.stat().st_size // 3])
+    ckpt = train(data_dir, tmp_path / "out", "--epochs", "2")
+    assert ckpt["step"] == 8 and all(math.isfinite(x) for x in train_losses(ckpt))
+    log_text = (tmp_path / "out" / "train.log").read_text()
+    assert f"Skipping {wavs[0]}: " in log_text
+    assert f"Skipping {flac} from now on: " in log_text
+
+
+# ----- distributed and signals (separate processes) -----------------------------------------------
+
+def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_loads_in_one(corpus, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py",
+         *tiny_flags(corpus, tmp_path, "--batch-size", "1", "--max-updates", "3")],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load(tmp_path / "latest.pt")
+    assert ckpt["step"] == 3 and len(ckpt["history"]["train"]) == 3
+    assert "cpu x 2" in (tmp_path / "train.log").read_text()
+    model = Wav2Vec.from_pretrained(tmp_path / "latest.pt")
+    assert model.extract_features(torch.zeros(6000))["c"].shape[-1] == model.num_frames(6000)
+
+
+def test_sigterm_mid_run_saves_a_loadable_latest_checkpoint(corpus, tmp_path):
+    log_file = tmp_path / "train.log"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        flags = tiny_flags(corpus, tmp_path, "--epochs", "1000")
+        process = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, env=ONE_THREAD)
+        deadline = time.monotonic() + 90
+        while not (log_file.exists() and "INFO step 2 " in log_file.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "no training log line appeared"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    ckpt = load(tmp_path / "latest.pt")
+    assert ckpt["step"] >= 2 and ckpt["step"] == len(ckpt["history"]["train"])
+    assert ckpt["epoch"] * 4 + ckpt["batch_in_epoch"] == ckpt["step"]  # a mid-epoch resume point
+    assert f"Stopped by SIGTERM at step {ckpt['step']}" in log_file.read_text()
+
+
+# ----- bad input ----------------------------------------------------------------------------------
+
+def test_corrupt_latest_checkpoint_on_resume_is_one_clear_error_line(corpus, tmp_path):
+    (tmp_path / "latest.pt").write_bytes(b"this is not a checkpoint")
+    result = run_script("main.py", *tiny_flags(corpus, tmp_path, "--resume"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'latest.pt'} is corrupt")
+
+
+def test_resume_with_another_model_config_names_the_fields_that_differ(corpus, tmp_path):
+    train(corpus, tmp_path, "--max-updates", "1")
+    with pytest.raises(UserError, match="another configuration.*num_negatives: saved 10, now 5"):
+        train(corpus, tmp_path, "--num-negatives", "5", "--resume")
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(UserError, match="--resume found no checkpoint"):
+        train(corpus, tmp_path, "--resume")
+
+
+def test_starting_over_an_existing_run_needs_resume(corpus, tmp_path):
+    train(corpus, tmp_path, "--max-updates", "1")
+    with pytest.raises(UserError, match="already holds a run"):
+        train(corpus, tmp_path, "--max-updates", "1")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "10"], "fewer than one batch"),
+    (["--accumulate-steps", "5"], "One update needs 5 batches"),
+    (["--sample-rate", "8000"], "--sample-rate must be 16000"),
+])
+def test_impossible_settings_are_clear_errors(corpus, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        train(corpus, tmp_path, *flags)
+
+
+def test_missing_data_folder_and_unwritable_output_folder_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        train(tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="Cannot write to the output folder"):
+        train(tmp_path, tmp_path / "file" / "out")
+    with pytest.raises(UserError, match="--data-dir DIR"):
+        main.parse_args([])
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+
+def test_learning_rate_warms_up_from_about_zero_then_follows_a_cosine_to_the_floor():
+    factor = lr_lambda("cosine", warmup=10, total=110, min_ratio=0.01)
+    assert factor(0) < 0.1 and factor(9) < factor(10) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.505) and factor(110) == factor(500) == pytest.approx(0.01)
+    assert lr_lambda("constant", warmup=0, total=110, min_ratio=0.01)(100) == 1.0
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def crash(payload, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2}, path)
+    assert load(path) == {"step": 1}
