@@ -1,7 +1,17 @@
 """Benchmarks, one per --what: each times its work over several repeats after a warm-up, reports the median.
 
+    python bench.py --what train|extract [--preset wav2vec] [--channels 512] [--batch-size 4]
+                    [--segment-length 32000] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda]
+                    [--compile] [--data-dir DIR] [--repeats 5] [--warmup 2] --json OUT.json
     python bench.py --what loader --data-dir DIR [--segment-length 32000] [--batch-size 8] [--num-workers 0]
                     [--packed DIR_FOR_PACKED] [--batches 50] [--repeats 5] --json OUT.json
+
+train: one full training step as main.py takes it (forward with freshly sampled distractors, loss, backward,
+gradient clipping, AdamW; autocast, and a GradScaler for fp16). extract: model.extract_features under
+autocast. Both run on random waveforms, or on real training batches with --data-dir; they report seconds per
+step, audio seconds per wall-clock second, and the model FLOP utilisation (MFU): analytic FLOPs per second
+over the peak of a square matmul measured on the same device and precision. train with --data-dir also runs
+the loader benchmark and says whether the loader keeps up with the step.
 
 loader: training batches exactly as main.py draws them (random crops, EpochSampler, make_loader), decoded on
 the fly or, with --packed, sliced from a packed 16 kHz corpus (prepared there on first use). Reports audio
@@ -12,8 +22,11 @@ workers keep a given model fed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +43,13 @@ from data import (
     make_loader,
     prepare_packed_corpus,
 )
-from model import UserError
-from utils import run_cli, setup_logging
+from model import PRESETS, UserError, Wav2Vec, Wav2VecConfig
+from utils import PRECISIONS, autocast_context, resolve_device, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
+
+CLIP_NORM = 5.0  # main.py's default gradient clipping, so the step costs what a real update costs
+TRAIN_FLOPS_FACTOR = 3  # backward ~ 2x forward (gradients of inputs and of weights)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,11 +58,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what = parser.add_argument_group("benchmark")
     what.add_argument("--what", choices=sorted(BENCHMARKS), default="loader", help="what to time")
     what.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
-    what.add_argument("--warmup", type=int, default=5, help="batches run before timing (workers start here)")
+    what.add_argument("--warmup", type=int, default=2,
+                      help="steps (or loader batches) run before timing: allocator, kernels, workers warm up")
     what.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    what.add_argument("--seed", type=int, default=0, help="seed of the sampler and the crops")
+    what.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs, sampler and crops")
+    model = parser.add_argument_group("model (train, extract)")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="wav2vec", help="model configuration")
+    model.add_argument("--channels", type=int, default=512, help="width of every convolution")
+    model.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                       help="fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up compiles)")
+    model.add_argument("--matmul-size", type=int,
+                       help="side of the square matmul that measures the peak (default 2048 CPU, 8192 GPU)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", type=Path, help="folder of audio, searched recursively")
+    data.add_argument("--data-dir", type=Path,
+                      help="folder of audio, searched recursively (train/extract: real batches, not randn)")
     data.add_argument("--cache-dir", type=Path,
                       help="where the manifest goes (default: the data folder, else ~/.cache/wav2vec)")
     data.add_argument("--packed", type=Path,
@@ -57,12 +84,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loader = parser.add_argument_group("loader")
     loader.add_argument("--batch-size", type=int, default=8, help="crops per batch")
     loader.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    loader.add_argument("--batches", type=int, default=50, help="batches per timed repeat")
+    loader.add_argument("--batches", type=int, default=50, help="batches per timed repeat (loader)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batches < 1 or args.warmup < 0:
         parser.error("--repeats and --batches must be at least 1, --warmup at least 0")
+    if args.channels < 1 or args.batch_size < 1:
+        parser.error("--channels and --batch-size must be at least 1")
     return args
 
+
+# ----- loader ---------------------------------------------------------------------------------------
 
 def endless_batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler) -> Iterator[torch.Tensor]:
     """Batches epoch after epoch, so a small corpus can still fill every repeat."""
@@ -73,10 +104,10 @@ def endless_batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler) 
         epoch += 1
 
 
-def bench_loader(args: argparse.Namespace) -> dict:
-    """Audio seconds per second that make_loader delivers, on the fly or from a packed corpus."""
+def training_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor], torch.utils.data.Dataset]:
+    """Endless wav (B, L) batches from --data-dir, exactly as main.py draws them; and their dataset."""
     if args.data_dir is None:
-        raise UserError("--what loader needs --data-dir.")
+        raise UserError(f"--what {args.what} needs --data-dir.")
     entries = build_manifest(args.data_dir, args.cache_dir)
     options = dict(segment_length=args.segment_length, train=True, transforms=args.use_transforms,
                    pad_short=args.pad_short, seed=args.seed)
@@ -86,8 +117,12 @@ def bench_loader(args: argparse.Namespace) -> dict:
         dataset = CropDataset(args.data_dir, entries, **options)
     sampler = EpochSampler(len(dataset), shuffle=True, seed=args.seed)
     loader = make_loader(dataset, sampler, args.batch_size, num_workers=args.num_workers, seed=args.seed)
+    return endless_batches(loader, sampler), dataset
 
-    batches = endless_batches(loader, sampler)
+
+def bench_loader(args: argparse.Namespace) -> dict:
+    """Audio seconds per second that make_loader delivers, on the fly or from a packed corpus."""
+    batches, dataset = training_batches(args)
     for _ in range(args.warmup):
         next(batches)
     seconds = []
@@ -120,7 +155,186 @@ def bench_loader(args: argparse.Namespace) -> dict:
     }
 
 
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {"loader": bench_loader}
+# ----- model steps ----------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[torch.Tensor], object], batches: list[torch.Tensor], warmup: int,
+               device: torch.device) -> list[float]:
+    """Seconds of each step after the first `warmup` batches; synchronised only around each step."""
+    for wav in batches[:warmup]:
+        step(wav)
+    seconds = []
+    for wav in batches[warmup:]:
+        synchronize(device)
+        start = time.perf_counter()
+        step(wav)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               amp: contextlib.AbstractContextManager, wav: torch.Tensor,
+               negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """One update as main.py makes it, on wav (B, L): the loss (nats, detached; read it only after timing).
+    `negatives` (B, N, T) pins the distractors; by default the model samples them, as in training."""
+    with amp:
+        loss, _ = model(wav, negatives)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.999), fused like main.py's."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), fused=True)
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A GradScaler that scales only under fp16 (a no-op otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def model_inputs(args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], str]:
+    """warmup + repeats wav (B, L) batches on `device`, from --data-dir or torch.randn; and their source."""
+    count = args.warmup + args.repeats
+    if args.data_dir is not None:
+        batches, _ = training_batches(args)
+        return [next(batches).to(device) for _ in range(count)], str(args.data_dir)
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, args.segment_length)
+    return [torch.randn(shape, generator=generator).to(device) for _ in range(count)], "torch.randn"
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> Wav2Vec:
+    """A freshly initialised model of --preset and --channels on `device`."""
+    torch.manual_seed(args.seed)
+    model = Wav2Vec(Wav2VecConfig.preset(args.preset, channels=args.channels)).to(device)
+    if model.num_frames(args.segment_length) < 2:
+        raise UserError(f"--segment-length {args.segment_length} gives fewer than 2 frames; "
+                        f"use at least {model.receptive_field + model.config.stride} samples.")
+    return model
+
+
+def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` square (size x size) matmuls in the precision's dtype, after a
+    warm-up: the practical peak an MFU is measured against."""
+    dtype = PRECISIONS[precision] or torch.float32
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    best = math.inf
+    for i in range(repeats + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def step_report(args: argparse.Namespace, device: torch.device, seconds: list[float], flops_per_step: int,
+                flops_method: str, source: str) -> dict:
+    """The fields common to train and extract: timings, throughput, FLOPs, MFU and the environment."""
+    median = statistics.median(seconds)
+    audio_per_second = args.batch_size * args.segment_length / SAMPLE_RATE / median
+    size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    peak = matmul_peak_flops(device, args.precision, size)
+    achieved = flops_per_step / median
+    return {
+        "what": args.what,
+        "preset": args.preset,
+        "channels": args.channels,
+        "batch_size": args.batch_size,
+        "segment_length": args.segment_length,
+        "precision": args.precision,
+        "device": str(device),
+        "compile": args.compile,
+        "input": source,
+        "repeats": len(seconds),
+        "warmup": args.warmup,
+        "step_seconds": [round(s, 4) for s in seconds],
+        "seconds_per_step_median": round(median, 4),
+        "seconds_per_step_min": round(min(seconds), 4),
+        "seconds_per_step_max": round(max(seconds), 4),
+        "audio_seconds_per_second": round(audio_per_second, 2),
+        "real_time_factor": round(audio_per_second, 2),  # audio seconds per wall second
+        "flops_per_step": flops_per_step,
+        "flops_method": flops_method,
+        "achieved_flops_per_second": round(achieved),
+        "matmul_size": size,
+        "matmul_peak_flops_per_second": round(peak),
+        "mfu": round(achieved / peak, 3),
+        "mfu_at_fastest_step": round(flops_per_step / min(seconds) / peak, 3),  # the CPU may be shared
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": [round(load, 2) for load in os.getloadavg()],
+    }
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    """Seconds per training step; with --data-dir, also whether the loader delivers audio fast enough."""
+    device = resolve_device(args.device)
+    model = build_model(args, device).train()
+    optimizer, scaler = make_optimizer(model), make_scaler(device, args.precision)
+    forward = torch.compile(model) if args.compile else model
+    amp = autocast_context(device, args.precision)
+    batches, source = model_inputs(args, device)
+    losses = []
+    seconds = time_steps(lambda wav: losses.append(train_step(forward, optimizer, scaler, amp, wav)),
+                         batches, args.warmup, device)
+    flops = TRAIN_FLOPS_FACTOR * sum(model.forward_flops(args.segment_length).values()) * args.batch_size
+    result = step_report(args, device, seconds, flops, "3 x analytic forward_flops (objective included)",
+                         source)
+    result["last_loss"] = round(losses[-1].item(), 4)
+    if args.data_dir is not None:
+        result.update(loader_comparison(args, result["audio_seconds_per_second"]))
+    return result
+
+
+def loader_comparison(args: argparse.Namespace, consumed: float) -> dict:
+    """Loader throughput next to the step's consumption (audio s/s), and the workers that would keep up."""
+    loader = bench_loader(args)
+    per_worker = loader["audio_seconds_per_second_per_worker"]
+    return {
+        "loader_num_workers": args.num_workers,
+        "loader_audio_seconds_per_second": loader["audio_seconds_per_second"],
+        "loader_keeps_up": loader["audio_seconds_per_second"] >= consumed,
+        "loader_workers_needed": math.ceil(consumed / per_worker) if per_worker > 0 else None,
+    }
+
+
+def bench_extract(args: argparse.Namespace) -> dict:
+    """Seconds per model.extract_features call (z and c, no gradients) under autocast."""
+    device = resolve_device(args.device)
+    model = build_model(args, device).eval()
+    extract = torch.compile(model.extract_features) if args.compile else model.extract_features
+    amp = autocast_context(device, args.precision)
+
+    def step(wav: torch.Tensor) -> None:
+        with amp:
+            extract(wav)
+
+    batches, source = model_inputs(args, device)
+    seconds = time_steps(step, batches, args.warmup, device)
+    flops = sum(model.forward_flops(args.segment_length, objective=False).values()) * args.batch_size
+    return step_report(args, device, seconds, flops, "analytic forward_flops (encoder and context only)",
+                       source)
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "loader": bench_loader,
+    "train": bench_train,
+    "extract": bench_extract,
+}
 
 
 def print_table(result: dict) -> None:
@@ -130,7 +344,8 @@ def print_table(result: dict) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark the arguments name, print it as a table, write the JSON; return the result."""
     args = parse_args(argv)
     setup_logging()
     result = BENCHMARKS[args.what](args)
@@ -139,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", args.json)
+    return result
 
 
 if __name__ == "__main__":

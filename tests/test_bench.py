@@ -1,0 +1,70 @@
+"""bench.py: train and extract benchmarks in tiny configurations, their JSON, and the CLI error edge."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+from data import make_demo_corpus
+from model import Wav2Vec, Wav2VecConfig, sample_distractors
+from utils import autocast_context
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "wav2vec", "--channels", "16", "--batch-size", "2", "--segment-length", "4000",
+        "--repeats", "1", "--warmup", "0", "--matmul-size", "128", "--device", "cpu"]
+REPORTED = ("what", "preset", "channels", "batch_size", "segment_length", "precision", "device",
+            "seconds_per_step_median", "seconds_per_step_min", "seconds_per_step_max",
+            "audio_seconds_per_second", "real_time_factor", "flops_per_step", "flops_method",
+            "achieved_flops_per_second", "matmul_peak_flops_per_second", "mfu", "torch_version", "threads")
+
+
+@pytest.mark.parametrize("what, objective, factor", [("train", True, 3), ("extract", False, 1)])
+def test_model_benchmarks_write_every_field_with_analytic_flops(tmp_path, what, objective, factor):
+    out = tmp_path / f"{what}.json"
+    result = bench.main([*TINY, "--what", what, "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written == result
+    assert set(REPORTED) <= set(written)
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16))
+    assert written["flops_per_step"] == factor * 2 * sum(model.forward_flops(4000, objective).values())
+    timings = [written[f"seconds_per_step_{name}"] for name in ("min", "median", "max")]
+    assert 0 < timings[0] <= timings[1] <= timings[2]
+    assert written["mfu"] == pytest.approx(
+        written["achieved_flops_per_second"] / written["matmul_peak_flops_per_second"], abs=1e-3)
+
+
+def test_bf16_and_fp32_training_steps_give_the_same_loss_on_the_same_distractors():
+    torch.manual_seed(0)
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=32))
+    wav = torch.randn(2, 4000)
+    negatives = sample_distractors(2, model.num_frames(4000), model.config.num_negatives,
+                                   generator=torch.Generator().manual_seed(0))
+    cpu, losses = torch.device("cpu"), {}
+    for precision in ("fp32", "bf16"):
+        same_weights = copy.deepcopy(model)
+        optimizer, scaler = bench.make_optimizer(same_weights), bench.make_scaler(cpu, precision)
+        amp = autocast_context(cpu, precision)
+        losses[precision] = bench.train_step(same_weights, optimizer, scaler, amp, wav, negatives).item()
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
+def test_training_on_a_data_folder_says_whether_the_loader_keeps_up(tmp_path):
+    make_demo_corpus(tmp_path / "audio", num_speakers=1, files_per_speaker=2, seconds_per_file=1.0)
+    result = bench.main([*TINY, "--what", "train", "--data-dir", str(tmp_path / "audio"), "--batches", "2"])
+    assert result["input"] == str(tmp_path / "audio")
+    assert result["loader_audio_seconds_per_second"] > 0
+    assert result["loader_keeps_up"] == (
+        result["loader_audio_seconds_per_second"] >= result["audio_seconds_per_second"])
+
+
+def test_loader_without_a_data_folder_is_one_error_line_and_exit_code_2():
+    run = subprocess.run([sys.executable, "bench.py", "--what", "loader"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and "--data-dir" in run.stderr
+    assert "Traceback" not in run.stderr
