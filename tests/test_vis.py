@@ -176,3 +176,11 @@ def test_neighbour_agreement_is_complete_for_separated_labels_and_chance_counts_
     assert chance == pytest.approx(4 / 12)  # of the 12 ordered pairs of labelled files, 4 share a label
     within, between = vis.within_between(similarity, labels)
     assert (within, between) == (pytest.approx(0.9), pytest.approx(0.0))
+
+
+def test_a_fairseq_checkpoint_is_drawn_like_a_native_one(workspace, tmp_path):
+    checkpoint = REPO / "tests" / "fixtures" / "fairseq_style_checkpoint_tiny.pt"
+    out = run_vis(workspace, tmp_path / "out", "--num-samples", "1", checkpoint=checkpoint)
+    for name in SUMMARY_FIGURES[1:]:
+        assert_png(out / name)
+    assert not (out / "loss_curves.png").exists()  # fairseq keeps no loss history we can read
