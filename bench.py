@@ -44,7 +44,16 @@ from data import (
     prepare_packed_corpus,
 )
 from model import PRESETS, UserError, Wav2Vec, Wav2VecConfig
-from utils import PRECISIONS, autocast_context, resolve_device, run_cli, setup_logging
+from utils import (
+    PRECISIONS,
+    autocast_context,
+    build_optimizer,
+    make_grad_scaler,
+    optimizer_step,
+    resolve_device,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,22 +195,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     with amp:
         loss, _ = model(wav, negatives)
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(model, optimizer, scaler, CLIP_NORM, loss.detach())
     return loss.detach()
-
-
-def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.999), fused like main.py's."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), fused=True)
-
-
-def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    """A GradScaler that scales only under fp16 (a no-op otherwise)."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def model_inputs(args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], str]:
@@ -284,7 +279,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     """Seconds per training step; with --data-dir, also whether the loader delivers audio fast enough."""
     device = resolve_device(args.device)
     model = build_model(args, device).train()
-    optimizer, scaler = make_optimizer(model), make_scaler(device, args.precision)
+    optimizer, scaler = build_optimizer(model, lr=1e-3), make_grad_scaler(device, args.precision)
     forward = torch.compile(model) if args.compile else model
     amp = autocast_context(device, args.precision)
     batches, source = model_inputs(args, device)

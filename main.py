@@ -51,6 +51,7 @@ from utils import (
     StopRequest,
     any_rank,
     autocast_context,
+    build_optimizer,
     capture_rng_state,
     config_differences,
     derived_seed,
@@ -58,6 +59,8 @@ from utils import (
     load_training_checkpoint,
     lr_lambda,
     main_process_first,
+    make_grad_scaler,
+    optimizer_step,
     prune_numbered_checkpoints,
     restore_rng_state,
     run_cli,
@@ -303,15 +306,6 @@ class Progress:
     history: dict = field(default_factory=lambda: {"train": [], "valid": []})
 
 
-def build_optimizer(model: Wav2Vec, args: argparse.Namespace) -> torch.optim.AdamW:
-    """Fused AdamW (0.9, 0.999); weight decay on conv and projection weights only, never norms and biases.
-    Fused, because it can skip a non-finite update on the device (found_inf) without a host sync."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
-
-
 def checkpoint_payload(model: Wav2Vec, optimizer, scheduler, scaler, progress: Progress,
                        args: argparse.Namespace) -> dict:
     """Everything --resume needs, as plain types and tensors (loadable with weights_only=True)."""
@@ -345,21 +339,6 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
              ckpt["batch_in_epoch"])
     return Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_valid_loss"],
                     ckpt["history"])
-
-
-def optimizer_step(model: Wav2Vec, optimizer, scaler, clip_norm: float,
-                   loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscale, clip, step: (gradient norm, non-finite flag). An update whose loss or gradients are not
-    finite is skipped on the device (fused AdamW's found_inf), so nothing waits for the host."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
-    nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
-    optimizer.found_inf = nonfinite.float()
-    optimizer.step()
-    del optimizer.found_inf
-    scaler.update()  # fp16: lowers the loss scale after an overflow; a no-op otherwise
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, nonfinite
 
 
 @torch.no_grad()
@@ -587,10 +566,10 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = Wav2Vec(build_config(args)).to(ddp.device)
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
     schedule = lr_lambda(args.lr_schedule, args.warmup_updates, total_updates, args.min_lr / args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(ddp.device.type, enabled=args.precision == "fp16")
+    scaler = make_grad_scaler(ddp.device, args.precision)
     progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args) if args.resume \
         else Progress()
     trained = torch.compile(model) if args.compile else model

@@ -174,6 +174,35 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """Fused AdamW (0.9, 0.999); weight decay on conv and projection weights only, never norms and biases.
+    Fused, because it can skip a non-finite update on the device (found_inf) without a host sync."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
+
+
+def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The run's loss scaler: dynamic under fp16, a no-op for fp32 and bf16."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   clip_norm: float, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale, clip, step: (gradient norm, non-finite flag). An update whose loss or gradients are not
+    finite is skipped on the device (fused AdamW's found_inf), so nothing waits for the host."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
+    nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    optimizer.found_inf = nonfinite.float()
+    optimizer.step()
+    del optimizer.found_inf
+    scaler.update()  # fp16: lowers the loss scale after an overflow; a no-op otherwise
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, nonfinite
+
+
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Multiplier of the peak learning rate for update u (0-based): linear warm-up from about 0 over
     `warmup` updates, then constant, or a cosine from 1 down to `min_ratio` at update `total`."""

@@ -12,7 +12,7 @@ import torch
 import bench
 from data import make_demo_corpus
 from model import Wav2Vec, Wav2VecConfig, sample_distractors
-from utils import autocast_context
+from utils import autocast_context, build_optimizer, make_grad_scaler
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "wav2vec", "--channels", "16", "--batch-size", "2", "--segment-length", "4000",
@@ -47,7 +47,7 @@ def test_bf16_and_fp32_training_steps_give_the_same_loss_on_the_same_distractors
     cpu, losses = torch.device("cpu"), {}
     for precision in ("fp32", "bf16"):
         same_weights = copy.deepcopy(model)
-        optimizer, scaler = bench.make_optimizer(same_weights), bench.make_scaler(cpu, precision)
+        optimizer, scaler = build_optimizer(same_weights, lr=1e-3), make_grad_scaler(cpu, precision)
         amp = autocast_context(cpu, precision)
         losses[precision] = bench.train_step(same_weights, optimizer, scaler, amp, wav, negatives).item()
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
