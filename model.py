@@ -401,8 +401,8 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2VecConfig, dict]:
-    """(config, state dict) from a checkpoint file, never executing pickled code."""
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The dict in a checkpoint file (ours or fairseq's), loaded without executing pickled code."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}: check the path, or train one with `python main.py`.")
@@ -416,6 +416,12 @@ def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2V
                         f"({reason}).") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a checkpoint dict; expected one written by main.py.")
+    return ckpt
+
+
+def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2VecConfig, dict]:
+    """(config, state dict) from a checkpoint file of this repository or of fairseq's wav2vec 1.0."""
+    ckpt = read_checkpoint(path, map_location)
     if "config" in ckpt and "model" in ckpt and isinstance(ckpt["config"], dict):
         return Wav2VecConfig.from_dict(ckpt["config"]), ckpt["model"]
     if "model" in ckpt and ("args" in ckpt or "cfg" in ckpt):

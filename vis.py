@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from data import find_audio_files, load_audio, probe_audio, resampled_length
 from features import LAYERS, SAMPLE_RATE, hz_to_mel, mel_filterbank
-from model import UserError, Wav2Vec, Wav2VecConfig
+from model import UserError, Wav2Vec, Wav2VecConfig, read_checkpoint
 from utils import labels_for_files, resolve_device, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_history(checkpoint: Path) -> dict | None:
     """The training history stored in a checkpoint of main.py; None when there is none (fairseq files)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):  # how 2019 fairseq files store their args
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    history = ckpt.get("history")
+    history = read_checkpoint(checkpoint).get("history")
     return history if history and history.get("train") else None
 
 
