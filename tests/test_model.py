@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (
@@ -162,6 +163,20 @@ def test_collapsed_features_score_zero_accuracy():
     _, metrics = model.objective(z, torch.ones(2, 32, 40))
     assert metrics["accuracy"] == 0
     assert (metrics["accuracy_per_step"] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["contrastive", "infonce"])
+def test_collapsed_loss_is_the_loss_at_the_best_constant_score(loss_type):
+    model = tiny(num_negatives=10, cross_negatives=2, loss_type=loss_type).double()
+    nn.init.zeros_(model.predictions.weight)  # every prediction is the bias b, every z the same vector
+    model.predictions.bias.data.fill_(1.0)
+    best = -math.log(12)  # sigmoid(best) = 1 / 13: the share of positives among the 13 candidates
+    z = torch.full((2, 32, 40), best / 32, dtype=torch.double)
+    loss, _ = model.objective(z, torch.randn(2, 32, 40, dtype=torch.double))
+    assert loss.item() == pytest.approx(model.collapsed_loss, rel=1e-9)
+    if loss_type == "contrastive":  # and no other constant does better
+        for shifted in (0.9 * z, 1.1 * z):
+            assert model.objective(shifted, torch.randn(2, 32, 40, dtype=torch.double))[0] > loss
 
 
 def test_steps_are_capped_by_the_crop_length():
