@@ -74,12 +74,13 @@ log = logging.getLogger(__name__)
 
 DEMO_DIR = Path("data/demo")
 # A small model that learns visibly in about a minute on a 2-core CPU; explicit flags override these.
-# InfoNCE: on the demo corpus the binary loss first falls to its trivial value (every score -ln 10, 4.835
-# bits) and stays there within this budget. One thread: on a CPU shared with other jobs, two OpenMP
-# threads that wait for each other made the demo 8 times slower (544 s against 66 s).
+# InfoNCE: on the demo corpus the binary loss first falls to its collapsed value (every score -ln 10,
+# 4.835 bits) and needs about 100 of these 400 updates to leave it. One thread: on a CPU shared with
+# other jobs, two OpenMP threads that wait for each other made the demo 8 times slower (544 s against 66 s).
 DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000, batch_size=8, epochs=100,
                      max_updates=400, lr=2e-3, lr_schedule="cosine", warmup_updates=40, precision="bf16",
                      loss_type="infonce", num_workers=0, threads=1, log_every=10, valid_fraction=0.05)
+COLLAPSE_INTERVALS = 10  # log intervals at the collapsed loss before the run warns about it
 MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run diverged: stop it
 VALID_SEED_KEY = 1 << 30  # distractor seeds for validation batches, apart from the training steps'
 
@@ -97,6 +98,13 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
     return value
 
 
@@ -145,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
                        help="wav2vec: the paper's base (5 + 9 conv layers); wav2vec_large: the released one")
     model.add_argument("--channels", type=positive_int, default=512, help="width of every layer")
+    model.add_argument("--skip-connections", action=argparse.BooleanOptionalAction, default=None,
+                       help="residual connections around the context layers (default: on in both presets; "
+                            "without them the binary loss collapses, see README)")
 
     objective = parser.add_argument_group("objective")
     objective.add_argument("--num-steps", type=positive_int, default=12, help="prediction steps K")
@@ -163,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max-updates", type=positive_int, default=None,
                        help="stop after this many optimizer updates (default: epochs x updates per epoch); "
                             "also the length of the cosine schedule")
+    optim.add_argument("--max-minutes", type=positive_float, default=None,
+                       help="stop, validate and save once training has taken this many minutes of wall time "
+                            "(counted across --resume)")
     optim.add_argument("--batch-size", type=positive_int, default=8, help="crops per micro-batch and process")
     optim.add_argument("--accumulate-steps", type=positive_int, default=1,
                        help="micro-batches per update: the same update as one batch this many times larger")
@@ -202,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("--save-every", type=non_negative_int, default=1000,
                              help="also write latest.pt and checkpoint_<step>.pt every this many "
                                   "updates (0: off)")
+    checkpoints.add_argument("--save-every-minutes", type=positive_float, default=None,
+                             help="also write latest.pt and checkpoint_<step>.pt after every this many "
+                                  "minutes of training (learning curves against time)")
     checkpoints.add_argument("--keep-last", type=non_negative_int, default=2,
                              help="keep only the newest N checkpoint_<step>.pt files (0: keep all)")
     checkpoints.add_argument("--log-every", type=positive_int, default=20,
@@ -227,9 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Wav2VecConfig:
     """The model configuration, built only from a preset plus the flags that override it."""
+    overrides = {} if args.skip_connections is None else {"skip_connections": args.skip_connections}
     return Wav2VecConfig.preset(args.model, channels=args.channels, prediction_steps=args.num_steps,
                                 num_negatives=args.num_negatives, cross_negatives=args.cross_negatives,
-                                offset=args.offset, loss_type=args.loss_type)
+                                offset=args.offset, loss_type=args.loss_type, **overrides)
 
 
 # ----- data ---------------------------------------------------------------------------------------
@@ -303,6 +321,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0  # updates done in the current epoch
     best_valid_loss: float = math.inf
+    train_seconds: float = 0.0  # wall time spent in the training loop, over all resumed runs
     history: dict = field(default_factory=lambda: {"train": [], "valid": []})
 
 
@@ -338,7 +357,7 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
     log.info("Resumed from %s at step %d (epoch %d, update %d of it).", path, ckpt["step"], ckpt["epoch"],
              ckpt["batch_in_epoch"])
     return Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_valid_loss"],
-                    ckpt["history"])
+                    ckpt.get("train_seconds", 0.0), ckpt["history"])
 
 
 @torch.no_grad()
@@ -365,8 +384,9 @@ class TrainingLog:
     history. Metrics stay tensors on the device until a log interval; only rank 0 writes."""
 
     def __init__(self, output_dir: Path, progress: Progress, total_updates: int, audio_per_update: float,
-                 ddp: Distributed):
+                 collapsed_loss: float, ddp: Distributed):
         self.history, self.is_main, self.device = progress.history, ddp.is_main, ddp.device
+        self.collapsed_loss, self.intervals_at_collapse = collapsed_loss, 0
         self.audio_per_update = audio_per_update  # seconds of audio in one update, over all ranks
         self.writer = SummaryWriter(output_dir / "tensorboard", purge_step=progress.step + 1) \
             if ddp.is_main else None
@@ -405,6 +425,7 @@ class TrainingLog:
         self.history["train"].append(entry)
         if not self.is_main:
             return
+        self.warn_if_collapsed(step, entry["loss"])
         grad_norm = updates["grad_norm"] / updates["finite"] if updates["finite"] else math.nan
         scalars = {"train/loss_bits": entry["loss_bits"], "train/accuracy": entry["accuracy"], "train/lr": lr,
                    "train/grad_norm": grad_norm, "train/loss_scale": loss_scale,
@@ -421,6 +442,17 @@ class TrainingLog:
         log.info("step %d epoch %d | loss %.4f (%.3f bits) | accuracy %.3f | lr %.2e | grad norm %.3f | "
                  "loss scale %g | %.1f audio-s/s | skipped %d", step, epoch, entry["loss"],
                  entry["loss_bits"], entry["accuracy"], lr, grad_norm, loss_scale, rate, self.skipped)
+
+    def warn_if_collapsed(self, step: int, loss: float) -> None:
+        """Warn once the loss has sat at its every-score-equal value for COLLAPSE_INTERVALS log intervals."""
+        at_collapse = abs(loss - self.collapsed_loss) < 1e-3 * self.collapsed_loss
+        self.intervals_at_collapse = self.intervals_at_collapse + 1 if at_collapse else 0
+        if self.intervals_at_collapse == COLLAPSE_INTERVALS:
+            log.warning("The loss has sat at %.4f nats, its value when every score is equal, for %d log "
+                        "intervals (step %d): the model has collapsed to features constant in time. The "
+                        "binary loss does this without --skip-connections; if it stays, restart with them, "
+                        "with --loss-type infonce, or with --warmup-updates.", self.collapsed_loss,
+                        COLLAPSE_INTERVALS, step)
 
     def write_valid(self, step: int, epoch: int, means: dict, is_best: bool) -> None:
         self.history["valid"].append({"step": step, "epoch": epoch, "loss": means["loss"],
@@ -583,19 +615,45 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
              args.segment_length, total_updates)
     audio_per_update = (args.batch_size * args.accumulate_steps * ddp.world_size * args.segment_length
                         / SAMPLE_RATE)
-    training_log = TrainingLog(out, progress, total_updates, audio_per_update, ddp)
+    training_log = TrainingLog(out, progress, total_updates, audio_per_update, model.collapsed_loss, ddp)
     saved = [(out / "latest.pt", progress.step)] if args.resume else []
     return Run(args, ddp, out, model, trained, optimizer, scheduler, scaler,
                autocast_context(ddp.device, args.precision), train_loader, valid_loader, progress,
                updates_per_epoch, total_updates, training_log, saved)
 
 
+class TrainingClock:
+    """Wall time in the training loop, summed over resumed runs: --max-minutes, --save-every-minutes."""
+
+    def __init__(self, progress: Progress, max_minutes: float | None, save_every_minutes: float | None):
+        self.progress, self.start, self.before = progress, time.perf_counter(), progress.train_seconds
+        self.limit = 60 * max_minutes if max_minutes else math.inf
+        self.every = 60 * save_every_minutes if save_every_minutes else math.inf
+        self.next_save = self.every * (self.before // self.every + 1) if self.every < math.inf else math.inf
+
+    def tick(self) -> None:
+        self.progress.train_seconds = self.before + time.perf_counter() - self.start
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.progress.train_seconds >= self.limit
+
+    def save_due(self) -> bool:
+        """True once per --save-every-minutes interval that has ended since the last call."""
+        if self.progress.train_seconds < self.next_save:
+            return False
+        self.next_save = self.every * (self.progress.train_seconds // self.every + 1)
+        return True
+
+
 def train_loop(run: Run, stop: StopRequest) -> None:
-    """Updates, epoch after epoch, until --max-updates, --epochs or a signal; validation and checkpoints
-    after every epoch, every --save-every updates and on the way out."""
+    """Updates, epoch after epoch, until --max-updates, --epochs, --max-minutes or a signal; validation and
+    checkpoints after every epoch, every --save-every updates (or minutes) and on the way out."""
     args, progress = run.args, run.progress
     start_step = progress.step
-    while progress.step < run.total_updates and not stop.requested:
+    clock = TrainingClock(progress, args.max_minutes, args.save_every_minutes)
+    out_of_time = clock.out_of_time
+    while progress.step < run.total_updates and not stop.requested and not out_of_time:
         # A mid-epoch resume skips the crops this epoch has already trained on.
         done = progress.batch_in_epoch * args.batch_size * args.accumulate_steps
         run.train_loader.sampler.set_epoch(progress.epoch, start=done)
@@ -603,23 +661,31 @@ def train_loop(run: Run, stop: StopRequest) -> None:
         wav = next_batch(batches, run.ddp.device)
         while progress.batch_in_epoch < run.updates_per_epoch and progress.step < run.total_updates:
             wav = run.update(wav, batches)
+            clock.tick()
             if progress.step % args.log_every == 0:
                 run.write_log()
-            if args.save_every and progress.step % args.save_every == 0:
+            if (args.save_every and progress.step % args.save_every == 0) or clock.save_due():
                 run.save("latest.pt", f"checkpoint_{progress.step}.pt")
-            if any_rank(stop.requested, run.ddp):  # every rank stops after the same update
+            # Every rank stops after the same update.
+            signalled, out_of_time = any_rank((stop.requested, clock.out_of_time), run.ddp)
+            if signalled:
                 stop.signal_name = stop.signal_name or "a signal to another rank"
+            if signalled or out_of_time:
                 break
         if progress.batch_in_epoch == run.updates_per_epoch:
             run.validate_and_save(epoch_done=True)
+        clock.tick()
 
     if stop.requested:
         if not run.saved or run.saved[-1][1] != progress.step:  # unless the epoch's end has just saved it
             run.save("latest.pt")
         log.info("Stopped by %s at step %d; continue with --resume.", stop.signal_name, progress.step)
         return
-    if progress.batch_in_epoch and progress.step > start_step:  # ended mid-epoch, at --max-updates
+    if progress.batch_in_epoch and progress.step > start_step:  # ended mid-epoch: --max-updates or -minutes
         run.validate_and_save(epoch_done=False)
+    if out_of_time:
+        log.info("The --max-minutes budget (%g) is used up after %.1f minutes of training.", args.max_minutes,
+                 progress.train_seconds / 60)
     log.info("Done: %d updates; best validation loss %.4f nats; checkpoints in %s", progress.step,
              progress.best_valid_loss, run.out)
 

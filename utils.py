@@ -151,13 +151,13 @@ def main_process_first(ddp: Distributed) -> Iterator[None]:
         dist.barrier()
 
 
-def any_rank(flag: bool, ddp: Distributed) -> bool:
-    """True on every rank when `flag` is true on any: a CPU all_reduce, so no host-device sync."""
+def any_rank(flags: tuple[bool, ...], ddp: Distributed) -> tuple[bool, ...]:
+    """Each flag true on every rank when it is true on any: one CPU all_reduce, so no host-device sync."""
     if not ddp.enabled:
-        return flag
-    vote = torch.tensor([float(flag)])
+        return flags
+    vote = torch.tensor([float(flag) for flag in flags])
     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=ddp.cpu_group)
-    return bool(vote.item())
+    return tuple(bool(v) for v in vote.tolist())
 
 
 # ----- training: precision, schedule, seeds, metrics, signals --------------------------------------

@@ -153,6 +153,39 @@ def test_demo_defaults_give_way_to_explicit_flags():
     assert args.data_dir == str(main.DEMO_DIR)
 
 
+def test_time_budget_stops_validates_and_saves_and_is_counted_across_resumes(corpus, tmp_path):
+    ckpt = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")  # 60 ms: one update or so
+    assert 0 < ckpt["step"] < 10 and ckpt["train_seconds"] >= 0.06
+    assert "--max-minutes budget (0.001) is used up" in (tmp_path / "train.log").read_text()
+    assert ckpt["history"]["valid"][-1]["step"] == ckpt["step"]  # validated before it stopped
+    again = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001", "--resume")
+    assert again["step"] == ckpt["step"]  # the budget was already spent
+
+
+def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(main.time, "perf_counter", lambda: now[0])
+    progress = main.Progress(train_seconds=150.0)  # resumed 30 s into its third minute
+    clock = main.TrainingClock(progress, max_minutes=10, save_every_minutes=1)
+    due = []
+    for second in range(0, 500, 10):
+        now[0] = second
+        clock.tick()
+        due += [progress.train_seconds] if clock.save_due() else []
+    assert due == [180.0, 240.0, 300.0, 360.0, 420.0, 480.0, 540.0, 600.0]
+    assert clock.out_of_time and progress.train_seconds == 640.0
+
+
+def test_a_loss_stuck_at_its_collapsed_value_warns_once(caplog):
+    training_log = main.TrainingLog.__new__(main.TrainingLog)  # only the collapse watch is under test
+    training_log.collapsed_loss, training_log.intervals_at_collapse = 3.3509, 0
+    with caplog.at_level(logging.WARNING):
+        for step, loss in enumerate([3.40] + [3.3510] * 9 + [3.37] + [3.3508] * 25):
+            training_log.warn_if_collapsed(step, loss)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "(step 20)" in warnings[0] and "--skip-connections" in warnings[0]
+
+
 def test_non_finite_updates_are_skipped_and_a_long_streak_stops_the_run(tmp_path):
     data_dir = tmp_path / "nan"
     data_dir.mkdir()
