@@ -24,6 +24,7 @@ fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     feats.add_argument("--layer", choices=LAYERS, default="c", help="wav2vec layer: c (default) or z")
     feats.add_argument("--pool", choices=("mean", "mean+std"), default="mean",
                        help="pooling over time of each file's frames (ignored with --frame-level)")
+    feats.add_argument("--cache-dir", type=Path,
+                       help="keep pooled features here and reuse them when the files, --features, "
+                            "--layer, --pool and --seed are the same (e.g. to probe other labels)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--split", choices=("cv", "fsdd-official"), default="cv",
                             help="cv: cross-validation (default); fsdd-official: test on repetitions 0-4")
@@ -167,13 +171,35 @@ def frame_label_path(audio: Path) -> Path:
     return audio.with_suffix(".frames.npy")
 
 
-def pooled_examples(paths: list[Path], labels: list[str], frames_of: FramesOf, window: int,
-                    how: str) -> Examples:
-    """One pooled vector per usable file; file_index points into `paths`."""
+def feature_key(args: argparse.Namespace, paths: list[Path]) -> str:
+    """Names the pooled features of these files under these settings; changed inputs give a new name."""
+    def stamp(path: Path) -> str:
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    source = args.features if args.features in ("mfcc", "random") else stamp(Path(args.features))
+    description = [source, args.layer, args.pool, args.seed, [stamp(path) for path in paths]]
+    return hashlib.sha1(json.dumps(description).encode()).hexdigest()[:16]
+
+
+def pooled_features(args: argparse.Namespace, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """X (N, D), one pooled vector per readable file, and file_index (N,) into `paths`; read from and
+    written to --cache-dir when given."""
+    cached = args.cache_dir / f"{feature_key(args, paths)}.npz" if args.cache_dir else None
+    if cached is not None and cached.is_file():
+        log.info("pooled features from the cache %s", cached)
+        with np.load(cached) as saved:
+            return saved["X"], saved["file_index"]
+    frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
     position = {path: i for i, path in enumerate(paths)}
-    rows = [(position[path], pool(frames, how)) for path, frames in file_frames(paths, frames_of, window)]
-    file_index = np.array([i for i, _ in rows])
-    return Examples(np.stack([vector for _, vector in rows]), np.array(labels)[file_index], file_index)
+    rows = [(position[path], pool(frames, args.pool))
+            for path, frames in file_frames(paths, frames_of, window)]
+    X, file_index = np.stack([vector for _, vector in rows]), np.array([i for i, _ in rows])
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial_file = cached.with_suffix(".partial.npz")  # renamed when complete: no half-written cache
+        np.savez(partial_file, X=X, file_index=file_index)
+        partial_file.replace(cached)
+    return X, file_index
 
 
 def frame_examples(paths: list[Path], frames_of: FramesOf, window: int, max_frames: int,
@@ -299,11 +325,12 @@ def select_files(args: argparse.Namespace) -> Selection:
 
 def load_examples(args: argparse.Namespace, selection: Selection) -> Examples:
     """Features, labels, groups and the fixed test split, if any, for every example of the run."""
-    frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
     if args.frame_level:
+        frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
         examples = frame_examples(selection.paths, frames_of, window, args.max_frames, args.seed)
     else:
-        examples = pooled_examples(selection.paths, selection.labels, frames_of, window, args.pool)
+        X, file_index = pooled_features(args, selection.paths)
+        examples = Examples(X, np.array(selection.labels)[file_index], file_index)
         if selection.groups is not None:
             examples.groups = np.array(selection.groups)[examples.file_index]
     if selection.test_mask is not None:

@@ -168,6 +168,31 @@ def test_mfcc_probe_separates_low_and_high_tones(tmp_path):
     assert result["settings"]["features"] == "mfcc"
 
 
+def test_cached_features_are_reused_for_other_labels_and_renewed_when_a_file_changes(tmp_path, monkeypatch):
+    for k in range(6):
+        write_tone(tmp_path / "data" / "low" / f"{k}.wav", 200 + 20 * k, seed=k)
+        write_tone(tmp_path / "data" / "high" / f"{k}.wav", 2000 + 100 * k, seed=k)
+    (tmp_path / "data" / "labels.tsv").write_text(
+        "path\tlabel\n" + "".join(f"{band}/{k}.wav\t{k % 2}\n" for band in ("low", "high") for k in range(6)))
+
+    def run(labels: str) -> dict:
+        out = tmp_path / f"{labels}.json"
+        probe.main(["--data-dir", str(tmp_path / "data"), "--labels", labels, "--features", "mfcc",
+                    "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+        return json.loads(out.read_text())
+
+    first = run("folder")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    computed = []
+    real_featurizer = probe.featurizer
+    monkeypatch.setattr(probe, "featurizer", lambda *a: computed.append(a) or real_featurizer(*a))
+    assert run("folder")["accuracy"] == first["accuracy"] and not computed  # read back, not recomputed
+    assert run("labels.tsv")["n_examples"] == 12 and not computed  # other labels, same features
+    write_tone(tmp_path / "data" / "low" / "0.wav", 300, seconds=0.6)
+    run("folder")
+    assert len(computed) == 1 and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
 def test_unlabelled_files_are_skipped_and_counted(tmp_path):
     for k in range(3):
         write_tone(tmp_path / f"low{k}.wav", 200)
