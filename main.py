@@ -80,7 +80,7 @@ DEMO_DIR = Path("data/demo")
 DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000, batch_size=8, epochs=100,
                      max_updates=400, lr=2e-3, lr_schedule="cosine", warmup_updates=40, precision="bf16",
                      loss_type="infonce", num_workers=0, threads=1, log_every=10, valid_fraction=0.05)
-COLLAPSE_INTERVALS = 10  # log intervals at the collapsed loss before the run warns about it
+COLLAPSE_UPDATES = 300  # updates at the collapsed loss before the run warns (escapes take 50-200)
 MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run diverged: stop it
 VALID_SEED_KEY = 1 << 30  # distractor seeds for validation batches, apart from the training steps'
 
@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after this many optimizer updates (default: epochs x updates per epoch); "
                             "also the length of the cosine schedule")
     optim.add_argument("--max-minutes", type=positive_float, default=None,
-                       help="stop, validate and save once training has taken this many minutes of wall time "
-                            "(counted across --resume)")
+                       help="stop, validate and save once training (validation and checkpoints included) "
+                            "has taken this many minutes of wall time, counted across --resume; the cosine "
+                            "schedule still follows --max-updates")
     optim.add_argument("--batch-size", type=positive_int, default=8, help="crops per micro-batch and process")
     optim.add_argument("--accumulate-steps", type=positive_int, default=1,
                        help="micro-batches per update: the same update as one batch this many times larger")
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "updates (0: off)")
     checkpoints.add_argument("--save-every-minutes", type=positive_float, default=None,
                              help="also write latest.pt and checkpoint_<step>.pt after every this many "
-                                  "minutes of training (learning curves against time)")
+                                  "minutes of training (learning curves against time: add --keep-last 0)")
     checkpoints.add_argument("--keep-last", type=non_negative_int, default=2,
                              help="keep only the newest N checkpoint_<step>.pt files (0: keep all)")
     checkpoints.add_argument("--log-every", type=positive_int, default=20,
@@ -339,8 +340,11 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
     ckpt = load_training_checkpoint(path)
     differences = config_differences(ckpt["config"], model.config.to_dict())
     if differences:
+        hint = (" (runs started before skip connections became the default need --no-skip-connections)"
+                if any(d.startswith("skip_connections") for d in differences) else "")
         raise UserError(f"{path} holds a model of another configuration ({'; '.join(differences)}): resume "
-                        "with the flags it was trained with, or start a new run in another --output-dir.")
+                        f"with the flags it was trained with{hint}, or start a new run in another "
+                        "--output-dir.")
     changed = sorted(k for k, v in vars(args).items() if ckpt["args"].get(k, v) != v and k != "resume")
     if changed:
         log.info("Flags changed since the checkpoint: %s",
@@ -379,14 +383,39 @@ def validate(model: Wav2Vec, loader: DataLoader, autocast, seed: int, ddp: Distr
 
 # ----- logging ------------------------------------------------------------------------------------
 
+class CollapseWatch:
+    """Counts the updates a run spends at its collapsed loss (every score equal) and words one warning."""
+
+    def __init__(self, model: Wav2Vec, patience: int = COLLAPSE_UPDATES):
+        self.collapsed_loss, self.patience = model.collapsed_loss, patience
+        self.updates, self.warned = 0, False
+        remedies = [] if model.config.skip_connections else ["--skip-connections"]
+        remedies += ["--loss-type infonce"] if model.config.loss_type == "contrastive" else []
+        self.remedies = remedies + ["a lower --lr with --warmup-updates"]
+
+    def add(self, step: int, loss: float, updates: int) -> str | None:
+        """Take the mean loss of the last `updates` updates; the warning, the first time they add up to
+        `patience` updates at the collapsed loss in a row."""
+        if abs(loss - self.collapsed_loss) >= 1e-3 * self.collapsed_loss:
+            self.updates, self.warned = 0, False
+            return None
+        self.updates += updates
+        if self.updates < self.patience or self.warned:
+            return None
+        self.warned = True
+        return (f"The loss has sat at {self.collapsed_loss:.4f} nats, its value when every score is equal, "
+                f"for {self.updates} updates (step {step}): the model has collapsed to features that do not "
+                f"change over time. If it stays there, restart with {', or '.join(self.remedies)}.")
+
+
 class TrainingLog:
     """Training and validation metrics to the progress bar, train.log, TensorBoard and the checkpoint
     history. Metrics stay tensors on the device until a log interval; only rank 0 writes."""
 
     def __init__(self, output_dir: Path, progress: Progress, total_updates: int, audio_per_update: float,
-                 collapsed_loss: float, ddp: Distributed):
+                 collapse: CollapseWatch, ddp: Distributed):
         self.history, self.is_main, self.device = progress.history, ddp.is_main, ddp.device
-        self.collapsed_loss, self.intervals_at_collapse = collapsed_loss, 0
+        self.collapse = collapse
         self.audio_per_update = audio_per_update  # seconds of audio in one update, over all ranks
         self.writer = SummaryWriter(output_dir / "tensorboard", purge_step=progress.step + 1) \
             if ddp.is_main else None
@@ -425,7 +454,9 @@ class TrainingLog:
         self.history["train"].append(entry)
         if not self.is_main:
             return
-        self.warn_if_collapsed(step, entry["loss"])
+        warning = self.collapse.add(step, entry["loss"], updates_done)
+        if warning:
+            log.warning(warning)
         grad_norm = updates["grad_norm"] / updates["finite"] if updates["finite"] else math.nan
         scalars = {"train/loss_bits": entry["loss_bits"], "train/accuracy": entry["accuracy"], "train/lr": lr,
                    "train/grad_norm": grad_norm, "train/loss_scale": loss_scale,
@@ -443,17 +474,6 @@ class TrainingLog:
                  "loss scale %g | %.1f audio-s/s | skipped %d", step, epoch, entry["loss"],
                  entry["loss_bits"], entry["accuracy"], lr, grad_norm, loss_scale, rate, self.skipped)
 
-    def warn_if_collapsed(self, step: int, loss: float) -> None:
-        """Warn once the loss has sat at its every-score-equal value for COLLAPSE_INTERVALS log intervals."""
-        at_collapse = abs(loss - self.collapsed_loss) < 1e-3 * self.collapsed_loss
-        self.intervals_at_collapse = self.intervals_at_collapse + 1 if at_collapse else 0
-        if self.intervals_at_collapse == COLLAPSE_INTERVALS:
-            log.warning("The loss has sat at %.4f nats, its value when every score is equal, for %d log "
-                        "intervals (step %d): the model has collapsed to features constant in time. The "
-                        "binary loss does this without --skip-connections; if it stays, restart with them, "
-                        "with --loss-type infonce, or with --warmup-updates.", self.collapsed_loss,
-                        COLLAPSE_INTERVALS, step)
-
     def write_valid(self, step: int, epoch: int, means: dict, is_best: bool) -> None:
         self.history["valid"].append({"step": step, "epoch": epoch, "loss": means["loss"],
                                       "loss_bits": means["loss_bits"], "accuracy": means["accuracy"]})
@@ -468,6 +488,32 @@ class TrainingLog:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class TrainingClock:
+    """Wall time in the training loop, summed over resumed runs: --max-minutes, --save-every-minutes."""
+
+    def __init__(self, progress: Progress, max_minutes: float | None, save_every_minutes: float | None):
+        self.progress, self.start, self.before = progress, time.perf_counter(), progress.train_seconds
+        self.limit = 60 * max_minutes if max_minutes else math.inf
+        self.every = 60 * save_every_minutes if save_every_minutes else math.inf
+        self.next_save = self.every * (self.before // self.every + 1) if self.every < math.inf else math.inf
+
+    def tick(self) -> None:
+        """Bring progress.train_seconds up to now."""
+        self.progress.train_seconds = self.before + time.perf_counter() - self.start
+
+    @property
+    def out_of_time(self) -> bool:
+        """Whether --max-minutes of training time have passed (as of the last tick)."""
+        return self.progress.train_seconds >= self.limit
+
+    def save_due(self) -> bool:
+        """True when a --save-every-minutes boundary has passed since the last call (once for several)."""
+        if self.progress.train_seconds < self.next_save:
+            return False
+        self.next_save = self.every * (self.progress.train_seconds // self.every + 1)
+        return True
 
 
 # ----- training -----------------------------------------------------------------------------------
@@ -493,6 +539,7 @@ class Run:
     total_updates: int
     log: TrainingLog
     saved: list[tuple[Path, int]]  # (checkpoint, step) written so far: the last is named if the run must stop
+    clock: TrainingClock
     last_lr: float = 0.0
 
     def __post_init__(self) -> None:
@@ -534,6 +581,7 @@ class Run:
 
     def save(self, *names: str) -> None:
         """Write the checkpoint under each name in the output folder, atomically (rank 0 only)."""
+        self.clock.tick()  # the checkpoint's training time includes the validation just done
         if self.ddp.is_main:
             payload = checkpoint_payload(self.model, self.optimizer, self.scheduler, self.scaler,
                                          self.progress, self.args)
@@ -615,43 +663,19 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
              args.segment_length, total_updates)
     audio_per_update = (args.batch_size * args.accumulate_steps * ddp.world_size * args.segment_length
                         / SAMPLE_RATE)
-    training_log = TrainingLog(out, progress, total_updates, audio_per_update, model.collapsed_loss, ddp)
+    training_log = TrainingLog(out, progress, total_updates, audio_per_update, CollapseWatch(model), ddp)
     saved = [(out / "latest.pt", progress.step)] if args.resume else []
+    clock = TrainingClock(progress, args.max_minutes, args.save_every_minutes)
     return Run(args, ddp, out, model, trained, optimizer, scheduler, scaler,
                autocast_context(ddp.device, args.precision), train_loader, valid_loader, progress,
-               updates_per_epoch, total_updates, training_log, saved)
-
-
-class TrainingClock:
-    """Wall time in the training loop, summed over resumed runs: --max-minutes, --save-every-minutes."""
-
-    def __init__(self, progress: Progress, max_minutes: float | None, save_every_minutes: float | None):
-        self.progress, self.start, self.before = progress, time.perf_counter(), progress.train_seconds
-        self.limit = 60 * max_minutes if max_minutes else math.inf
-        self.every = 60 * save_every_minutes if save_every_minutes else math.inf
-        self.next_save = self.every * (self.before // self.every + 1) if self.every < math.inf else math.inf
-
-    def tick(self) -> None:
-        self.progress.train_seconds = self.before + time.perf_counter() - self.start
-
-    @property
-    def out_of_time(self) -> bool:
-        return self.progress.train_seconds >= self.limit
-
-    def save_due(self) -> bool:
-        """True once per --save-every-minutes interval that has ended since the last call."""
-        if self.progress.train_seconds < self.next_save:
-            return False
-        self.next_save = self.every * (self.progress.train_seconds // self.every + 1)
-        return True
+               updates_per_epoch, total_updates, training_log, saved, clock)
 
 
 def train_loop(run: Run, stop: StopRequest) -> None:
     """Updates, epoch after epoch, until --max-updates, --epochs, --max-minutes or a signal; validation and
     checkpoints after every epoch, every --save-every updates (or minutes) and on the way out."""
-    args, progress = run.args, run.progress
+    args, progress, clock = run.args, run.progress, run.clock
     start_step = progress.step
-    clock = TrainingClock(progress, args.max_minutes, args.save_every_minutes)
     out_of_time = clock.out_of_time
     while progress.step < run.total_updates and not stop.requested and not out_of_time:
         # A mid-epoch resume skips the crops this epoch has already trained on.
@@ -664,7 +688,8 @@ def train_loop(run: Run, stop: StopRequest) -> None:
             clock.tick()
             if progress.step % args.log_every == 0:
                 run.write_log()
-            if (args.save_every and progress.step % args.save_every == 0) or clock.save_due():
+            time_due = clock.save_due()  # called every update, so that a step-triggered save resets it too
+            if time_due or (args.save_every and progress.step % args.save_every == 0):
                 run.save("latest.pt", f"checkpoint_{progress.step}.pt")
             # Every rank stops after the same update.
             signalled, out_of_time = any_rank((stop.requested, clock.out_of_time), run.ddp)
@@ -674,7 +699,7 @@ def train_loop(run: Run, stop: StopRequest) -> None:
                 break
         if progress.batch_in_epoch == run.updates_per_epoch:
             run.validate_and_save(epoch_done=True)
-        clock.tick()
+            out_of_time = any_rank((False, clock.out_of_time), run.ddp)[1]  # validation counts too
 
     if stop.requested:
         if not run.saved or run.saved[-1][1] != progress.step:  # unless the epoch's end has just saved it

@@ -34,7 +34,7 @@ class Wav2VecConfig:
     context_layers: tuple[LayerSpec, ...] = ((512, 3, 1),) * 9
     norm: str = "group"  # "group": over channels and time (paper); "layer": per frame, strictly causal
     causal_padding: str = "replicate"  # "replicate" the first frame (fairseq) or "zero"
-    skip_connections: bool = False  # residual around every context layer (wav2vec large)
+    skip_connections: bool = False  # residual around every context layer (on in both presets)
     residual_scale: float = 0.5  # the residual sum is scaled by sqrt(residual_scale), as in fairseq
     log_compression: bool = False  # z = log(1 + |z|) after the encoder (wav2vec large)
     prediction_steps: int = 12  # K

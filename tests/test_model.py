@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (
@@ -157,6 +156,17 @@ def test_accuracy_counts_positions_where_the_positive_scores_highest():
     assert torch.isclose(metrics["loss_bits"], _ / math.log(2))
 
 
+def test_accuracy_per_step_counts_each_steps_own_positions():
+    model = tiny(prediction_steps=3, num_negatives=3).double()
+    z, c = torch.randn(2, 32, 10, dtype=torch.double), torch.randn(2, 32, 10, dtype=torch.double)
+    negatives = sample_distractors(2, 10, 3, generator=torch.Generator().manual_seed(1))
+    _, metrics = model.objective(z, c, negatives)
+    s = hand_scores(model, z, c, negatives)  # rows: step 0 (2 x 7 positions), step 1 (2 x 6), step 2 (2 x 5)
+    correct = (s[:, 0] > s[:, 1:].max(1).values).double()
+    expected = torch.stack([part.mean() for part in correct.split([14, 12, 10])])
+    torch.testing.assert_close(metrics["accuracy_per_step"].double(), expected)
+
+
 def test_collapsed_features_score_zero_accuracy():
     model = tiny()
     z = torch.ones(2, 32, 40)
@@ -168,8 +178,9 @@ def test_collapsed_features_score_zero_accuracy():
 @pytest.mark.parametrize("loss_type", ["contrastive", "infonce"])
 def test_collapsed_loss_is_the_loss_at_the_best_constant_score(loss_type):
     model = tiny(num_negatives=10, cross_negatives=2, loss_type=loss_type).double()
-    nn.init.zeros_(model.predictions.weight)  # every prediction is the bias b, every z the same vector
-    model.predictions.bias.data.fill_(1.0)
+    with torch.no_grad():  # every prediction is the bias b, every z the same vector
+        model.predictions.weight.zero_()
+        model.predictions.bias.fill_(1.0)
     best = -math.log(12)  # sigmoid(best) = 1 / 13: the share of positives among the 13 candidates
     z = torch.full((2, 32, 40), best / 32, dtype=torch.double)
     loss, _ = model.objective(z, torch.randn(2, 32, 40, dtype=torch.double))

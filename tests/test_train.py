@@ -153,13 +153,17 @@ def test_demo_defaults_give_way_to_explicit_flags():
     assert args.data_dir == str(main.DEMO_DIR)
 
 
-def test_time_budget_stops_validates_and_saves_and_is_counted_across_resumes(corpus, tmp_path):
-    ckpt = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")  # 60 ms: one update or so
-    assert 0 < ckpt["step"] < 10 and ckpt["train_seconds"] >= 0.06
+def test_time_budget_stops_the_run_after_validating_and_saving(corpus, tmp_path):
+    ckpt = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")  # 60 ms of 200 updates
+    assert 0 < ckpt["step"] < 200 and ckpt["train_seconds"] >= 0.06
     assert "--max-minutes budget (0.001) is used up" in (tmp_path / "train.log").read_text()
-    assert ckpt["history"]["valid"][-1]["step"] == ckpt["step"]  # validated before it stopped
+    assert ckpt["history"]["valid"][-1]["step"] == ckpt["step"]
+
+
+def test_a_resumed_run_counts_the_time_already_spent(corpus, tmp_path):
+    first = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")
     again = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001", "--resume")
-    assert again["step"] == ckpt["step"]  # the budget was already spent
+    assert again["step"] == first["step"]  # the budget was already spent
 
 
 def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkeypatch):
@@ -176,14 +180,35 @@ def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkey
     assert clock.out_of_time and progress.train_seconds == 640.0
 
 
-def test_a_loss_stuck_at_its_collapsed_value_warns_once(caplog):
-    training_log = main.TrainingLog.__new__(main.TrainingLog)  # only the collapse watch is under test
-    training_log.collapsed_loss, training_log.intervals_at_collapse = 3.3509, 0
-    with caplog.at_level(logging.WARNING):
-        for step, loss in enumerate([3.40] + [3.3510] * 9 + [3.37] + [3.3508] * 25):
-            training_log.warn_if_collapsed(step, loss)
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "(step 20)" in warnings[0] and "--skip-connections" in warnings[0]
+def collapse_watch(**config) -> main.CollapseWatch:
+    model = Wav2Vec(main.Wav2VecConfig.preset("wav2vec", channels=8, **config))
+    return main.CollapseWatch(model, patience=100)
+
+
+def test_a_loss_stuck_at_its_collapsed_value_warns_once_after_patience_updates():
+    watch = collapse_watch()
+    stuck = watch.collapsed_loss + 1e-4
+    warnings = [watch.add(step, loss, updates=20) for step, loss in enumerate([3.40] + [stuck] * 4 + [3.0]
+                                                                              + [stuck] * 12)]
+    assert [i for i, w in enumerate(warnings) if w] == [10]  # 5 x 20 updates after the reset at 5
+    assert "for 100 updates (step 10)" in warnings[10]
+
+
+@pytest.mark.parametrize("config, named, not_named", [
+    ({}, ["--loss-type infonce", "--warmup-updates"], ["--skip-connections"]),
+    ({"skip_connections": False}, ["--skip-connections", "--loss-type infonce"], []),
+    ({"loss_type": "infonce"}, ["--warmup-updates"], ["--loss-type infonce", "--skip-connections"]),
+])
+def test_the_collapse_warning_names_only_remedies_not_in_use(config, named, not_named):
+    watch = collapse_watch(**config)
+    warning = watch.add(0, watch.collapsed_loss, updates=100)
+    assert all(flag in warning for flag in named) and not any(flag in warning for flag in not_named)
+
+
+def test_skip_connections_follow_the_preset_unless_a_flag_says_otherwise():
+    def skip(*flags: str) -> bool:
+        return main.build_config(main.parse_args(["--data-dir", ".", *flags])).skip_connections
+    assert skip() and skip("--model", "wav2vec_large") and not skip("--no-skip-connections")
 
 
 def test_non_finite_updates_are_skipped_and_a_long_streak_stops_the_run(tmp_path):
@@ -264,6 +289,12 @@ def test_resume_with_another_model_config_names_the_fields_that_differ(corpus, t
     train(corpus, tmp_path, "--max-updates", "1")
     with pytest.raises(UserError, match="another configuration.*num_negatives: saved 10, now 5"):
         train(corpus, tmp_path, "--num-negatives", "5", "--resume")
+
+
+def test_resuming_a_run_without_skip_connections_names_the_flag_it_needs(corpus, tmp_path):
+    train(corpus, tmp_path, "--max-updates", "1", "--no-skip-connections")
+    with pytest.raises(UserError, match="skip_connections: saved False, now True.*--no-skip-connections"):
+        train(corpus, tmp_path, "--resume")
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(corpus, tmp_path):
