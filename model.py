@@ -115,8 +115,8 @@ def _with_width(layers: tuple[LayerSpec, ...], channels: int) -> tuple[LayerSpec
 PRESETS = {
     # The paper's base: 5 encoder layers, 9 causal context layers of kernel 3 (15,491,072 parameters),
     # with the released model's parameter-free skip connections. Without them the binary loss collapses
-    # within ~20 updates to its trivial point (every score -ln 10, c constant over time) and never leaves
-    # it; with them it escapes after ~50 updates (measured on speechocean762 and the demo corpus).
+    # within ~20 updates to its trivial point (every score -ln 10, c constant over time) and stayed there
+    # in every run we tried; with them it leaves it after 50-300 updates (speechocean762, demo corpus).
     "wav2vec": Wav2VecConfig(skip_connections=True),
     # The released wav2vec_large.pt: two extra pointwise encoder layers, 12 context layers of kernel
     # 2..13 with skip connections, log compression (32,537,088 parameters).
