@@ -56,12 +56,14 @@ from utils import (
     config_differences,
     derived_seed,
     ensure_writable_dir,
+    fast_precision,
     load_training_checkpoint,
     lr_lambda,
     main_process_first,
     make_grad_scaler,
     optimizer_step,
     prune_numbered_checkpoints,
+    resolve_device,
     restore_rng_state,
     run_cli,
     save_checkpoint,
@@ -78,7 +80,7 @@ DEMO_DIR = Path("data/demo")
 # 4.835 bits) and needs about 100 of these 400 updates to leave it. One thread: on a CPU shared with
 # other jobs, two OpenMP threads that wait for each other made the demo 8 times slower (544 s against 66 s).
 DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000, batch_size=8, epochs=100,
-                     max_updates=400, lr=2e-3, lr_schedule="cosine", warmup_updates=40, precision="bf16",
+                     max_updates=400, lr=2e-3, lr_schedule="cosine", warmup_updates=40,
                      loss_type="infonce", num_workers=0, threads=1, log_every=10, valid_fraction=0.05)
 COLLAPSE_UPDATES = 300  # updates at the collapsed loss before the run warns (escapes take 50-200)
 MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run diverged: stop it
@@ -231,8 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; with --demo its defaults apply to every flag not given explicitly."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
+    if args.demo:  # bf16 where the device computes it in hardware (CUDA, AMX or AVX512-BF16), else fp32
+        parser.set_defaults(**DEMO_DEFAULTS, precision=fast_precision(resolve_device(args.device)))
         args = parser.parse_args(argv)
     if args.data_dir is None:
         raise UserError("Give --data-dir DIR (a folder of audio files to pre-train on), "

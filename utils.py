@@ -165,12 +165,31 @@ def any_rank(flags: tuple[bool, ...], ddp: Distributed) -> tuple[bool, ...]:
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpu_has_half_instructions(precision: str) -> bool:
+    """Whether this CPU computes `precision` (bf16 or fp16) in hardware: AVX512-BF16 or AMX tiles for bf16,
+    AMX-FP16 for fp16. Without them oneDNN emulates it: a bf16 matmul measured 140 times slower than fp32
+    on a 2-core AVX2 EPYC, where it is 4 times faster than fp32 on a CPU with AMX."""
+    checks = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+              "fp16": ("_is_amx_fp16_supported",)}
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks[precision])
+
+
+def fast_precision(device: torch.device) -> str:
+    """bf16 where the device computes it in hardware, fp32 elsewhere."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_half_instructions("bf16") else "fp32"
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The one mixed-precision context of a run: nullcontext for fp32, autocast to fp16 or bf16 otherwise."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("This GPU has no bf16 support: use --precision fp16 (or fp32).")
+    if device.type == "cpu" and not cpu_has_half_instructions(precision):
+        log.warning("This CPU has no %s instructions, so %s runs emulated and far slower than fp32: "
+                    "use --precision fp32 here.", precision, precision)
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
