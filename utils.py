@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import UserError
+from model import UserError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -339,12 +339,11 @@ def load_training_checkpoint(path: Path) -> dict:
         raise UserError(f"--resume found no checkpoint at {path}: start without --resume, or point "
                         "--output-dir at the folder of the run to continue.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means the file cannot be trusted
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is corrupt or not a checkpoint ({reason}): restore it from a numbered "
-                        "checkpoint_<step>.pt in the same folder, or start without --resume.") from None
-    missing = [key for key in TRAINING_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+        ckpt = read_checkpoint(path)
+    except UserError as err:
+        raise UserError(f"{path} is corrupt ({err}): restore it from a numbered checkpoint_<step>.pt in the "
+                        "same folder, or start without --resume.") from None
+    missing = [key for key in TRAINING_KEYS if key not in ckpt]
     if missing:
         raise UserError(f"{path} is not a training checkpoint of main.py (missing {', '.join(missing)}): "
                         "resume from a latest.pt written by main.py.")
