@@ -1,6 +1,6 @@
 """Pre-train wav2vec 1.0 on a folder of audio: one process (CPU or GPU), or many GPUs and nodes with torchrun.
 
-    python main.py --demo            # synthesise a small corpus, pre-train on it (about 70 s on 2 cores)
+    python main.py --demo            # synthesise a small corpus, pre-train on it (1-3 min on 2 cores)
     python main.py --data-dir DIR --precision bf16
     torchrun --nproc_per_node 8 main.py --data-dir DIR --precision bf16
 
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", help="folder of audio files, searched recursively (wav flac mp3 ogg m4a)")
     data.add_argument("--demo", action="store_true",
                       help=f"synthesise a demo corpus into {DEMO_DIR}/ if absent and pre-train a small model "
-                           "on it (about 70 s on a 2-core CPU); flags given explicitly override its settings")
+                           "on it (70 s on a 2-core CPU with bf16 instructions, 2.5 min without); flags "
+                           "given explicitly override its settings")
     data.add_argument("--packed-dir",
                       help="decode the corpus once into this folder (16 kHz int16 memmap) and read crops "
                            "from there: faster for compressed or resampled audio")
