@@ -410,8 +410,10 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """The dict in a checkpoint file (ours or fairseq's), loaded without executing pickled code."""
+def read_checkpoint(path: str | Path, map_location="cpu",
+                    remedy: str = "use one written by main.py or fairseq's wav2vec 1.0.") -> dict:
+    """The dict in a checkpoint file (ours or fairseq's), loaded without executing pickled code. `remedy`
+    ends the error for a file that is there but cannot be used: what the caller's user should do."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}: check the path, or train one with `python main.py`.")
@@ -421,10 +423,10 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # unpickling refuses foreign classes; report, never execute them
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a wav2vec checkpoint this repository can load safely "
-                        f"({reason}).") from None
+        raise UserError(f"{path} is corrupt or not a wav2vec checkpoint this repository can load safely "
+                        f"({reason}): {remedy}") from None
     if not isinstance(ckpt, dict):
-        raise UserError(f"{path} does not hold a checkpoint dict; expected one written by main.py.")
+        raise UserError(f"{path} does not hold a checkpoint dict: {remedy}")
     return ckpt
 
 

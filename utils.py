@@ -338,11 +338,8 @@ def load_training_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"--resume found no checkpoint at {path}: start without --resume, or point "
                         "--output-dir at the folder of the run to continue.")
-    try:
-        ckpt = read_checkpoint(path)
-    except UserError as err:
-        raise UserError(f"{path} is corrupt ({err}): restore it from a numbered checkpoint_<step>.pt in the "
-                        "same folder, or start without --resume.") from None
+    ckpt = read_checkpoint(path, remedy="restore it from a numbered checkpoint_<step>.pt in the same folder, "
+                                        "or start without --resume.")
     missing = [key for key in TRAINING_KEYS if key not in ckpt]
     if missing:
         raise UserError(f"{path} is not a training checkpoint of main.py (missing {', '.join(missing)}): "
