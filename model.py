@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -422,12 +423,19 @@ def read_checkpoint(path: str | Path, map_location="cpu",
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # unpickling refuses foreign classes; report, never execute them
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path} is corrupt or not a wav2vec checkpoint this repository can load safely "
-                        f"({reason}): {remedy}") from None
+                        f"({load_failure_reason(err)}): {remedy}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a checkpoint dict: {remedy}")
     return ckpt
+
+
+def load_failure_reason(err: Exception) -> str:
+    """Why torch.load refused a file, without torch's advice to retry with weights_only=False."""
+    foreign = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if foreign:
+        return f"it pickles Python code or objects ({foreign.group(1)}), which are never unpickled here"
+    return "not a PyTorch file, or a truncated one"
 
 
 def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2VecConfig, dict]:
