@@ -87,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
     io.add_argument("--labels", default=None,
                     help="colour and group files by label: 'folder' (each file's parent folder), "
-                         "'pattern:REGEX' (a named group (?P<label>...) matched on the file name), or a "
-                         "TSV with `path` (relative to --data-dir) and `label` columns; default: by file")
+                         "'pattern:REGEX' (a named group (?P<label>...); the REGEX must match the whole file "
+                         "name), or a TSV with `path` (relative to --data-dir) and `label` columns; default: "
+                         "by file")
     io.add_argument("--output-dir", type=Path, default=Path("visualizations"), help="where figures go")
     what = parser.add_argument_group("what to embed and draw")
     what.add_argument("--layer", choices=LAYERS, default="c",
