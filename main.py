@@ -399,7 +399,7 @@ class CollapseWatch:
         self.updates, self.warned = 0, False
         remedies = [] if model.config.skip_connections else ["--skip-connections"]
         remedies += ["--loss-type infonce"] if model.config.loss_type == "contrastive" else []
-        self.remedies = remedies + ["a lower --lr with --warmup-updates"]
+        self.remedies = remedies + ["a lower --lr or a longer --warmup-updates"]
 
     def add(self, step: int, loss: float, updates: int) -> str | None:
         """Take the mean loss of the last `updates` updates; the warning, the first time they add up to
