@@ -6,7 +6,8 @@
 
 The run is meant to be killed and restarted: <output-dir>/latest.pt is written every epoch, every
 --save-every updates and on SIGINT/SIGTERM (the loop finishes its update first), and --resume continues
-from it exactly (same step, schedule, loss scale, data order and distractors).
+from it exactly (same step, schedule, loss scale, data order and distractors) as long as --max-updates
+and --epochs, which set the cosine's length, stay the same.
 
 Optimisation: AdamW (0.9, 0.999), the gradient norm clipped to 5. The learning rate warms up linearly from
 about 0 over --warmup-updates (50), then follows a cosine down to --min-lr at --max-updates (or at the end
@@ -14,8 +15,9 @@ of --epochs), or with --lr-schedule constant stays at --lr (the seed's schedule)
 wav2vec large is --loss-type contrastive --lr 5e-3 --warmup-updates 500 --max-updates 400000 (fp16).
 
 The default objective is InfoNCE, not the paper's binary loss: from a random start the binary loss first
-falls to its collapsed value (every score equal) and, at 512 channels, spends about 300 updates there,
-with or without warm-up; InfoNCE with a warm-up learns from the first updates (README, *Evaluation*).
+falls to its collapsed value (every score equal); at 512 channels it sat there for about 300 updates
+without warm-up and was heading there with one, while InfoNCE with a warm-up learned from the first
+updates (README, *Collapse* and *Does pre-training help?*).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ DEMO_DIR = Path("data/demo")
 DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000, batch_size=8, epochs=100,
                      max_updates=400, lr=2e-3, warmup_updates=40, num_workers=0, threads=1, log_every=10,
                      valid_fraction=0.05)
-COLLAPSE_UPDATES = 300  # updates at the collapsed loss before the run warns (escapes take 50-200)
+COLLAPSE_UPDATES = 300  # updates at the collapsed loss before the run warns (escapes took 50-300)
 MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run diverged: stop it
 VALID_SEED_KEY = 1 << 30  # distractor seeds for validation batches, apart from the training steps'
 
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "= 3, fairseq's; 1 is the paper's z(t+k)")
     objective.add_argument("--loss-type", choices=("contrastive", "infonce"), default="infonce",
                            help="InfoNCE, or the paper's binary contrastive loss (eq. 1), which from a "
-                                "random start spends its first few hundred updates at its collapsed value")
+                                "random start can spend up to a few hundred updates at its collapsed value")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=100, help="passes over the training crops")
@@ -190,11 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="micro-batches per update: the same update as one batch this many times larger")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (0.9, 0.999)")
     optim.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
-                       help="after the warm-up: cosine down to --min-lr at --max-updates (fairseq's recipe), "
-                            "or constant (the seed's)")
+                       help="after the warm-up: cosine down to --min-lr at --max-updates, or at the end of "
+                            "--epochs without it (fairseq's recipe), or constant (the seed's)")
     optim.add_argument("--warmup-updates", type=non_negative_int, default=50,
                        help="linear warm-up of the learning rate from about 0 over this many updates; "
-                            "without it InfoNCE at lr 1e-3 collapses within 40 updates")
+                            "without it our 512-channel InfoNCE run at lr 1e-3 collapsed within 40 updates")
     optim.add_argument("--min-lr", type=float, default=1e-6, help="where the cosine schedule ends")
     optim.add_argument("--weight-decay", type=float, default=0.0,
                        help="decoupled weight decay on conv and projection weights (not norms, biases)")

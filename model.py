@@ -435,6 +435,9 @@ def load_failure_reason(err: Exception) -> str:
     foreign = re.search(r"GLOBAL ([\w.]+)", str(err))
     if foreign:
         return f"it pickles Python code or objects ({foreign.group(1)}), which are never unpickled here"
+    refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+    if refused and not refused.group(1).startswith("Unsupported operand"):  # that one: not a pickle at all
+        return f"the safe unpickler refused it: {refused.group(1).strip()}"
     return "not a PyTorch file, or a truncated one"
 
 

@@ -259,6 +259,13 @@ def test_from_pretrained_missing_file_is_a_clear_error(tmp_path):
         Wav2Vec.from_pretrained(tmp_path / "nope.pt")
 
 
+def test_a_pickle_the_safe_loader_cannot_read_is_named_without_advice_to_load_it_unsafely(tmp_path):
+    (tmp_path / "odd.pt").write_bytes(b"\x80\x02X\x01\x00\x00\x00aQ.")  # a pickle with a string persistent id
+    with pytest.raises(UserError, match="safe unpickler refused it: persistent_load id must be") as refused:
+        Wav2Vec.from_pretrained(tmp_path / "odd.pt")
+    assert "weights_only" not in str(refused.value)
+
+
 def test_from_pretrained_foreign_file_is_a_clear_error(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(UserError, match="not a wav2vec checkpoint .* [(]not a PyTorch file"):

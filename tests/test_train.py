@@ -87,7 +87,7 @@ def train_losses(ckpt: dict) -> list[float]:
 
 # ----- a run and its outputs ----------------------------------------------------------------------
 
-def test_short_run_writes_checkpoints_and_tensorboard_and_the_loss_goes_down(corpus, tmp_path):
+def test_short_run_writes_checkpoints_and_tensorboard_and_the_binary_loss_goes_down(corpus, tmp_path):
     # The binary loss falls by nats within a dozen updates from a random start (InfoNCE by a tenth).
     ckpt = train(corpus, tmp_path, "--epochs", "3", "--save-every", "5", "--keep-last", "1",
                  "--loss-type", "contrastive")
@@ -118,12 +118,12 @@ def test_best_model_is_the_epoch_with_the_lowest_validation_loss(corpus, tmp_pat
     assert ckpt["best_valid_loss"] == best["loss"]
 
 
-def test_stopped_and_resumed_run_follows_the_uninterrupted_one(corpus, tmp_path):
-    # --max-updates is also the cosine's length: a constant schedule keeps the first 3 updates the same.
-    constant = ("--lr-schedule", "constant")
-    straight = train(corpus, tmp_path / "straight", "--max-updates", "7", *constant)
-    train(corpus, tmp_path / "resumed", "--max-updates", "3", *constant)  # stops in the middle of epoch 0
-    resumed = train(corpus, tmp_path / "resumed", "--max-updates", "7", "--resume", *constant)
+def test_stopped_and_resumed_run_follows_the_uninterrupted_one(corpus, tmp_path, monkeypatch):
+    straight = train(corpus, tmp_path / "straight", "--max-updates", "7")
+    with monkeypatch.context() as budget:  # a --max-minutes budget used up after update 3, mid-epoch 0
+        budget.setattr(main.TrainingClock, "out_of_time", property(lambda clock: clock.progress.step >= 3))
+        assert train(corpus, tmp_path / "resumed", "--max-updates", "7")["step"] == 3
+    resumed = train(corpus, tmp_path / "resumed", "--max-updates", "7", "--resume")
     assert resumed["step"] == straight["step"] == 7
     assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-6)
     for name, weight in straight["model"].items():
