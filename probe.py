@@ -9,9 +9,9 @@ fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
 - --features: `mfcc` (13 MFCCs + deltas, 25 ms window every 10 ms), `random` (the base wav2vec config,
   randomly initialised with --seed) or the path of a checkpoint (ours or fairseq's).
 - --labels: a TSV whose header has `path` (relative to --data-dir) and `label`; `folder` (each file's
-  sub-folder); `pattern:REGEX` (a regular expression on the file name with a named group `label`);
-  `fsdd-digit` / `fsdd-speaker` (FSDD names `{digit}_{speaker}_{index}.wav`). Files without a label
-  are skipped.
+  sub-folder); `pattern:REGEX` (a regular expression matching the whole file name, with a named group
+  `label`); `fsdd-digit` / `fsdd-speaker` (FSDD names `{digit}_{speaker}_{index}.wav`). Files without a
+  label are skipped.
 - Evaluation: stratified k-fold by default; --group-column COLUMN (a TSV column or a named group of the
   pattern, e.g. `speaker` with the fsdd shortcuts) leaves one group out per fold; --split fsdd-official
   trains on FSDD repetitions 5-49 and tests on 0-4.
