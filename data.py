@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import random
+import shutil
+import signal
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
@@ -560,8 +562,10 @@ class PackedCropDataset(_CropDataset):
 # ----- sampling and loading -----------------------------------------------------------------------
 
 class EpochSampler(Sampler):
-    """Yields (index, epoch) keys: a seeded permutation per epoch, sharded over ranks like DistributedSampler
-    (every rank gets the same count), with an exact mid-epoch resume point."""
+    """Yields (index, epoch) keys: a seeded permutation per epoch, dealt out over ranks in turn like
+    DistributedSampler (every rank gets the same count). Rank r of W takes keys r, r + W, r + 2W... of what
+    is left, so the keys all ranks have trained on are always a prefix of the epoch's order: a resume point
+    counted in crops holds for any batch size and any number of processes."""
 
     def __init__(self, num_items: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True):
@@ -572,17 +576,21 @@ class EpochSampler(Sampler):
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Serve `epoch`, skipping the first `start` keys of this rank's order (those already trained on)."""
+        """Serve `epoch` from position `start` of its order: the crops all ranks together trained on."""
         self.epoch, self.start = epoch, start
+
+    def _per_rank(self, keys: int) -> int:
+        """Keys per rank for `keys` keys; the tail is dropped (drop_last) or refilled from the start."""
+        whole, rest = divmod(keys, self.world_size)
+        return whole + (rest > 0 and not self.drop_last)
 
     @property
     def keys_per_epoch(self) -> int:
-        """Keys per rank and epoch; the tail is dropped (drop_last) or refilled from the start to even out."""
-        whole, rest = divmod(self.num_items, self.world_size)
-        return whole + (rest > 0 and not self.drop_last)
+        """Keys per rank in a whole epoch."""
+        return self._per_rank(self.num_items)
 
     def __len__(self) -> int:
-        return max(0, self.keys_per_epoch - self.start)
+        return self._per_rank(max(0, self.num_items - self.start))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -590,9 +598,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.num_items, generator=generator).tolist()
         else:
             order = list(range(self.num_items))
-        total = self.keys_per_epoch * self.world_size
-        order = (order * math.ceil(total / max(1, len(order))))[:total]
-        for index in order[self.rank::self.world_size][self.start:]:
+        rest, total = order[self.start:], len(self) * self.world_size
+        rest = (rest * math.ceil(total / max(1, len(rest))))[:total]
+        for index in rest[self.rank::self.world_size]:
             yield index, self.epoch
 
 
@@ -601,8 +609,17 @@ def _seed_from(*numbers: int) -> int:
     return int(np.random.SeedSequence(numbers).generate_state(1)[0])
 
 
-def _seed_worker(worker_id: int, seed: int, rank: int) -> None:
-    """Seed numpy, random and torch in each DataLoader worker from (seed, rank, worker_id)."""
+def _init_worker(worker_id: int, seed: int, rank: int) -> None:
+    """Seed numpy, random and torch in each DataLoader worker from (seed, rank, worker_id), and leave SIGINT
+    and SIGTERM to the main process.
+
+    torchrun, SLURM and Ctrl-C signal the whole process group. torch's own SIGTERM handler in a worker exits
+    on a signal from anyone but its parent (the main process then fails with "worker killed"), and the
+    training's handler, inherited through fork, would announce a Ctrl-C once per worker. Ignoring both, the
+    workers go on serving batches while the main process finishes its update and saves; they end when it
+    shuts the loader down, or by torch's watchdog when it dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker_seed = _seed_from(seed, rank, worker_id)
     np.random.seed(worker_seed)
     random.seed(worker_seed)
@@ -622,7 +639,7 @@ def make_loader(dataset: _CropDataset, sampler: EpochSampler, batch_size: int, n
                         f"{batch_size}: lower --batch-size or add audio.")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_crops,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=dataset.train,
-                      worker_init_fn=partial(_seed_worker, seed=seed, rank=sampler.rank),
+                      worker_init_fn=partial(_init_worker, seed=seed, rank=sampler.rank),
                       persistent_workers=num_workers > 0)
 
 
@@ -704,8 +721,26 @@ def make_demo_corpus(folder: Path | str, num_speakers: int = 4, files_per_speake
     folder/<speaker>/<speaker>_<k>.frames.npy  int64 label id per 10 ms frame t (samples 160t to 160t+159)
     folder/labels.tsv                          header `path<TAB>label<TAB>speaker`; label is the speaker
     folder/frame_labels.json                   {"frame_seconds": 0.01, "names": [...]}: label id -> name
+
+    It is written beside `folder` and renamed into place (`folder` must be absent or empty), so that an
+    interrupted synthesis leaves no partial corpus for a later run to take for the whole one.
     """
-    folder = Path(folder)
+    target = Path(folder)
+    if target.is_dir() and any(target.iterdir()):
+        raise UserError(f"{target} is not empty: synthesise the demo corpus into a new or empty folder.")
+    folder = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        _write_demo_corpus(folder, num_speakers, files_per_speaker, seconds_per_file, seed)
+        folder.replace(target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    logger.info("Wrote a demo corpus of %d speakers x %d files x %.1f s to %s.", num_speakers,
+                files_per_speaker, seconds_per_file, target)
+    return target
+
+
+def _write_demo_corpus(folder: Path, num_speakers: int, files_per_speaker: int, seconds_per_file: float,
+                       seed: int) -> None:
     num_frames = round(seconds_per_file * SAMPLE_RATE / DEMO_FRAME)
     rows = []
     for s in range(num_speakers):
@@ -723,6 +758,3 @@ def make_demo_corpus(folder: Path | str, num_speakers: int = 4, files_per_speake
         writer.writerows(rows)
     with open(folder / "frame_labels.json", "w") as f:
         json.dump({"frame_seconds": DEMO_FRAME / SAMPLE_RATE, "names": list(DEMO_LABELS)}, f, indent=1)
-    logger.info("Wrote a demo corpus of %d speakers x %d files x %.1f s to %s.", num_speakers,
-                files_per_speaker, seconds_per_file, folder)
-    return folder

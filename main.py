@@ -5,9 +5,11 @@
     torchrun --nproc_per_node 8 main.py --data-dir DIR --precision bf16
 
 The run is meant to be killed and restarted: <output-dir>/latest.pt is written every epoch, every
---save-every updates and on SIGINT/SIGTERM (the loop finishes its update first), and --resume continues
-from it exactly (same step, schedule, loss scale, data order and distractors) as long as --max-updates
-and --epochs, which set the cosine's length, stay the same.
+--save-every updates and on SIGINT/SIGTERM, to the process or its whole group (the loop finishes its
+update first; a signal before the first update stops at once, saving nothing). `--output-dir RUN --resume`
+continues with the run's stored flags (those given override them), exactly (same step, schedule, loss
+scale, data order and distractors) as long as the flags, --max-updates and --epochs included, stay the
+same; with other batch flags or another number of processes it continues after the same crops.
 
 Optimisation: AdamW (0.9, 0.999), the gradient norm clipped to 5. The learning rate warms up linearly from
 about 0 over --warmup-updates (50), then follows a cosine down to --min-lr at --max-updates (or at the end
@@ -90,6 +92,10 @@ DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000,
 COLLAPSE_UPDATES = 300  # updates at the collapsed loss before the run warns (escapes took 50-300)
 MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run diverged: stop it
 VALID_SEED_KEY = 1 << 30  # distractor seeds for validation batches, apart from the training steps'
+# What a resumed run cannot change: the model's shape and objective (the weights are for them), and the
+# seed (the data order, crops and distractors of the rest of the run follow it).
+FIXED_FLAGS = ("model", "channels", "skip_connections", "num_steps", "num_negatives", "cross_negatives",
+               "offset", "loss_type", "seed")
 
 
 # ----- command line -------------------------------------------------------------------------------
@@ -222,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("--output-dir", default="checkpoints",
                              help="checkpoints, train.log and the TensorBoard run (tensorboard/)")
     checkpoints.add_argument("--resume", action="store_true",
-                             help="continue exactly from <output-dir>/latest.pt; flags other than the "
-                                  "model's may change (e.g. --max-updates, --lr)")
+                             help="continue from <output-dir>/latest.pt with the run's own flags; flags "
+                                  "given here override them (e.g. --max-updates, --lr), except the model's "
+                                  "and --seed")
     checkpoints.add_argument("--save-every", type=non_negative_int, default=1000,
                              help="also write latest.pt and checkpoint_<step>.pt every this many "
                                   "updates (0: off)")
@@ -244,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.demo:  # bf16 where the device computes it in hardware (CUDA, AMX or AVX512-BF16), else fp32
         parser.set_defaults(**DEMO_DEFAULTS, precision=fast_precision(resolve_device(args.device)))
         args = parser.parse_args(argv)
+    if args.resume:
+        args = with_stored_flags(parser, argv, args)
     if args.data_dir is None:
         raise UserError("Give --data-dir DIR (a folder of audio files to pre-train on), "
                         "or run `python main.py --demo` to try it on a synthetic corpus.")
@@ -251,6 +260,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--sample-rate must be {SAMPLE_RATE}: wav2vec works on 16 kHz audio and files at "
                         "other rates are resampled to it automatically.")
     return args
+
+
+def with_stored_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
+                      args: argparse.Namespace) -> argparse.Namespace:
+    """--resume: the flags the run was trained with (stored in its latest.pt), overridden by those given on
+    this command line. A given flag that would change the model or the data order mid-run is refused."""
+    stored = load_training_checkpoint(Path(args.output_dir) / "latest.pt")["args"]
+    for action in parser._actions:  # parsed again without defaults: only the flags given explicitly remain
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    fixed = [key for key in FIXED_FLAGS if key in given and key in stored and given[key] != stored[key]]
+    if fixed:
+        names = " and ".join(f"--{key.replace('_', '-')}" for key in fixed)
+        raise UserError(f"{names} cannot change in the middle of a run: the run in {args.output_dir} was "
+                        f"trained with {' '.join(flag_text(key, stored[key]) for key in fixed)}, so resume "
+                        "without it, or start a new run in another --output-dir.")
+    # The checkpoint is read where this command line says, wherever the run was when it was stored.
+    kept = {key: value for key, value in stored.items() if key in vars(args) and key != "output_dir"}
+    return argparse.Namespace(**{**vars(args), **kept, **given})
+
+
+def flag_text(key: str, value: object) -> str:
+    """A flag and its value as on the command line: --channels 64."""
+    return f"--{key.replace('_', '-')} {value}"
 
 
 def build_config(args: argparse.Namespace) -> Wav2VecConfig:
@@ -331,20 +364,24 @@ class Progress:
     step: int = 0  # optimizer updates done
     epoch: int = 0
     batch_in_epoch: int = 0  # updates done in the current epoch
+    crops_in_epoch: int = 0  # crops all ranks together have trained on in this epoch: where a resume starts
+    epoch_crops: int = 0  # crops in an epoch's order (one per usable training file), to check a resume
     best_valid_loss: float = math.inf
     train_seconds: float = 0.0  # wall time spent in the training loop, over all resumed runs
     history: dict = field(default_factory=lambda: {"train": [], "valid": []})
 
 
 def checkpoint_payload(model: Wav2Vec, optimizer, scheduler, scaler, progress: Progress,
-                       args: argparse.Namespace) -> dict:
+                       args: argparse.Namespace, world_size: int) -> dict:
     """Everything --resume needs, as plain types and tensors (loadable with weights_only=True)."""
     return {"config": model.config.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), **asdict(progress), "rng": capture_rng_state(), "args": vars(args)}
+            "scaler": scaler.state_dict(), **asdict(progress), "rng": capture_rng_state(), "args": vars(args),
+            "world_size": world_size}
 
 
-def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argparse.Namespace) -> Progress:
+def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argparse.Namespace,
+           world_size: int) -> Progress:
     """Restore model, optimizer, schedule, loss scale, RNG and progress from `path`; the peak learning rate
     and the schedule's shape follow the current flags."""
     ckpt = load_training_checkpoint(path)
@@ -355,10 +392,11 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
         raise UserError(f"{path} holds a model of another configuration ({'; '.join(differences)}): resume "
                         f"with the flags it was trained with{hint}, or start a new run in another "
                         "--output-dir.")
-    changed = sorted(k for k, v in vars(args).items() if ckpt["args"].get(k, v) != v and k != "resume")
+    saved_args = ckpt["args"]
+    changed = [f"{flag_text(k, saved_args[k])} -> {v}" for k, v in sorted(vars(args).items())
+               if k in saved_args and saved_args[k] != v and k != "resume"]
     if changed:
-        log.info("Flags changed since the checkpoint: %s",
-                 ", ".join(f"--{k.replace('_', '-')}" for k in changed))
+        log.info("Flags changed since the checkpoint: %s", ", ".join(changed))
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -368,10 +406,16 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
     if ckpt["scaler"] and scaler.is_enabled():  # empty when the run was not fp16
         scaler.load_state_dict(ckpt["scaler"])
     restore_rng_state(ckpt["rng"])
-    log.info("Resumed from %s at step %d (epoch %d, update %d of it).", path, ckpt["step"], ckpt["epoch"],
-             ckpt["batch_in_epoch"])
-    return Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_valid_loss"],
-                    ckpt.get("train_seconds", 0.0), ckpt["history"])
+    saved_world_size = ckpt.get("world_size", world_size)
+    crops = ckpt.get("crops_in_epoch")
+    if crops is None:  # written before the position was kept in crops, by as many processes as now
+        crops = ckpt["batch_in_epoch"] * saved_args["batch_size"] * saved_args["accumulate_steps"]
+        crops *= world_size
+    log.info("Resumed from %s at step %d (epoch %d, after %d of its crops%s).", path, ckpt["step"],
+             ckpt["epoch"], crops, "" if saved_world_size == world_size
+             else f"; written by {saved_world_size} processes, continued by {world_size}")
+    return Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], crops, ckpt.get("epoch_crops", 0),
+                    ckpt["best_valid_loss"], ckpt.get("train_seconds", 0.0), ckpt["history"])
 
 
 @torch.no_grad()
@@ -581,7 +625,16 @@ class Run:
         self.log.add_update(grad_norm, nonfinite)
         self.progress.step += 1
         self.progress.batch_in_epoch += 1
+        self.progress.crops_in_epoch += args.batch_size * accumulate * ddp.world_size
         return wav
+
+    def vote(self, stop: StopRequest) -> tuple[bool, bool]:
+        """(stop requested, out of time), true on every rank when true on any: all ranks leave after the same
+        update even when a signal reaches one of them only (a node's preemption)."""
+        signalled, out_of_time = any_rank((stop.requested, self.clock.out_of_time), self.ddp)
+        if signalled and not stop.requested:
+            stop.signal_name = "a signal to another rank"
+        return signalled, out_of_time
 
     def write_log(self) -> None:
         """Log the interval; stop the run when the recent updates were all skipped as non-finite."""
@@ -594,7 +647,7 @@ class Run:
         self.clock.tick()  # the checkpoint's training time includes the validation just done
         if self.ddp.is_main:
             payload = checkpoint_payload(self.model, self.optimizer, self.scheduler, self.scaler,
-                                         self.progress, self.args)
+                                         self.progress, self.args, self.ddp.world_size)
             for name in names:
                 save_checkpoint(payload, self.out / name)
             prune_numbered_checkpoints(self.out, self.args.keep_last)
@@ -613,7 +666,7 @@ class Run:
                 names.append("best_model.pt")
             self.log.write_valid(progress.step, progress.epoch, means, is_best)
         if epoch_done:  # the checkpoint resumes at the start of the next epoch
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+            progress.epoch, progress.batch_in_epoch, progress.crops_in_epoch = progress.epoch + 1, 0, 0
             if self.ddp.is_main and self.train_loader.dataset.num_read_errors:
                 log.warning("%d unreadable files skipped so far.", self.train_loader.dataset.num_read_errors)
         self.save(*names)
@@ -660,8 +713,16 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     schedule = lr_lambda(args.lr_schedule, args.warmup_updates, total_updates, args.min_lr / args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = make_grad_scaler(ddp.device, args.precision)
-    progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args) if args.resume \
-        else Progress()
+    progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args, ddp.world_size) \
+        if args.resume else Progress()
+    crops = train_loader.sampler.num_items
+    if progress.crops_in_epoch and progress.epoch_crops not in (0, crops):  # 0: saved before it was kept
+        log.warning("Epoch %d's order had %d crops when it was saved and has %d now (the files changed, or "
+                    "--data-dir, --valid-fraction, --segment-length or --pad-short), so where it stopped "
+                    "cannot be found: it ends here, and epoch %d starts.", progress.epoch,
+                    progress.epoch_crops, crops, progress.epoch + 1)
+        progress.crops_in_epoch = crops  # the loop finds the epoch done: it validates, then starts the next
+    progress.epoch_crops = crops
     trained = torch.compile(model) if args.compile else model
     if ddp.enabled:
         device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
@@ -683,35 +744,35 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
 
 def train_loop(run: Run, stop: StopRequest) -> None:
     """Updates, epoch after epoch, until --max-updates, --epochs, --max-minutes or a signal; validation and
-    checkpoints after every epoch, every --save-every updates (or minutes) and on the way out."""
+    checkpoints after every epoch, every --save-every updates (or minutes) and on the way out. Every rank
+    takes the same branches: they follow votes, never one rank's own flags."""
     args, progress, clock = run.args, run.progress, run.clock
     start_step = progress.step
-    out_of_time = clock.out_of_time
-    while progress.step < run.total_updates and not stop.requested and not out_of_time:
-        # A mid-epoch resume skips the crops this epoch has already trained on.
-        done = progress.batch_in_epoch * args.batch_size * args.accumulate_steps
-        run.train_loader.sampler.set_epoch(progress.epoch, start=done)
-        batches = iter(run.train_loader)
-        wav = next_batch(batches, run.ddp.device)
-        while progress.batch_in_epoch < run.updates_per_epoch and progress.step < run.total_updates:
+    signalled, out_of_time = run.vote(stop)
+    while progress.step < run.total_updates and not (signalled or out_of_time):
+        # An epoch continues after the crops it has trained on, whatever the batch flags or process count.
+        run.train_loader.sampler.set_epoch(progress.epoch, start=progress.crops_in_epoch)
+        left = len(run.train_loader) // args.accumulate_steps  # updates left in this epoch
+        if left:
+            batches = iter(run.train_loader)
+            wav = next_batch(batches, run.ddp.device)
+        while left and progress.step < run.total_updates:
             wav = run.update(wav, batches)
+            left -= 1
             clock.tick()
             if progress.step % args.log_every == 0:
                 run.write_log()
             time_due = clock.save_due()  # called every update, so that a step-triggered save resets it too
             if time_due or (args.save_every and progress.step % args.save_every == 0):
                 run.save("latest.pt", f"checkpoint_{progress.step}.pt")
-            # Every rank stops after the same update.
-            signalled, out_of_time = any_rank((stop.requested, clock.out_of_time), run.ddp)
-            if signalled:
-                stop.signal_name = stop.signal_name or "a signal to another rank"
+            signalled, out_of_time = run.vote(stop)
             if signalled or out_of_time:
                 break
-        if progress.batch_in_epoch == run.updates_per_epoch:
+        if not left and not signalled:  # the epoch's end; after a signal, the resumed run validates it
             run.validate_and_save(epoch_done=True)
-            out_of_time = any_rank((False, clock.out_of_time), run.ddp)[1]  # validation counts too
+            signalled, out_of_time = run.vote(stop)  # validation counts too
 
-    if stop.requested:
+    if signalled:
         if not run.saved or run.saved[-1][1] != progress.step:  # unless the epoch's end has just saved it
             run.save("latest.pt")
         log.info("Stopped by %s at step %d; continue with --resume.", stop.signal_name, progress.step)
@@ -730,7 +791,8 @@ def train(args: argparse.Namespace) -> Path:
     ddp = setup_distributed(args.device)
     try:
         with StopRequest() as stop, logging_redirect_tqdm():
-            run = setup_run(args, ddp)
+            run = setup_run(args, ddp)  # a signal before the first update stops at once: nothing to save
+            stop.graceful = True  # from here one finishes the update, saves and stops
             try:
                 train_loop(run, stop)
             finally:

@@ -272,12 +272,15 @@ class MetricSums:
 
 class StopRequest:
     """SIGINT and SIGTERM set a flag so the training loop can finish its update, save and exit; a second
-    signal stops at once. Use as a context manager: the previous handlers come back on exit."""
+    signal stops at once. Until `graceful` is set (the training loop has begun) there is nothing to save,
+    so the first signal already stops at once. Use as a context manager: the previous handlers come back
+    on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.graceful = False
 
     def __enter__(self) -> StopRequest:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -290,7 +293,11 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         if self.signal_name is not None:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if not self.graceful:
+            log.warning("%s received before the first update: stopping now, nothing saved.", name)
+            raise KeyboardInterrupt
+        self.signal_name = name
         log.warning("%s received: finishing this update, then saving and stopping "
                     "(send it again to stop at once, without saving).", self.signal_name)
 

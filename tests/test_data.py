@@ -296,6 +296,20 @@ def test_the_sampler_gives_every_rank_the_same_count_and_resumes_exactly():
     assert list(sampler) == order[7:] and len(sampler) == 3
 
 
+@pytest.mark.parametrize("world_size, start", [(1, 6), (2, 6), (3, 6), (2, 7), (4, 12)])
+def test_a_resume_point_in_crops_serves_the_rest_of_the_epoch_whatever_the_number_of_ranks(world_size, start):
+    whole = EpochSampler(12, seed=1)
+    whole.set_epoch(3)
+    order = [index for index, _ in whole]
+    ranks = [EpochSampler(12, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    for sampler in ranks:
+        sampler.set_epoch(3, start=start)
+    served = [[index for index, _ in sampler] for sampler in ranks]
+    dealt = [index for turn in zip(*served, strict=True) for index in turn]  # rank 0, 1, ... in turn
+    assert dealt == order[start:start + (12 - start) // world_size * world_size]
+    assert [len(sampler) for sampler in ranks] == [len(keys) for keys in served]
+
+
 def test_the_loader_gives_the_same_batches_whatever_the_worker_count(tmp_path):
     make_demo_corpus(tmp_path, num_speakers=2, files_per_speaker=3, seconds_per_file=1.0)
     ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=4000, transforms=True)

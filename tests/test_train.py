@@ -3,11 +3,13 @@
 Tiny configs on a small synthetic corpus; subprocesses only where a test needs a separate process
 (torchrun, SIGTERM, the command line's error text)."""
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import data
 import main
 import utils
 from data import make_demo_corpus
@@ -128,6 +131,87 @@ def test_stopped_and_resumed_run_follows_the_uninterrupted_one(corpus, tmp_path,
     assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-6)
     for name, weight in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], weight, msg=name)
+
+
+def trained_keys(monkeypatch) -> list[tuple[int, int]]:
+    """The (index, epoch) keys of every training crop read from now on, in order (with --num-workers 0)."""
+    keys = []
+    read = data._CropDataset.__getitem__
+
+    def recorded(dataset, key):
+        keys.extend([key] if dataset.train else [])
+        return read(dataset, key)
+    monkeypatch.setattr(data._CropDataset, "__getitem__", recorded)
+    return keys
+
+
+def stop_after(monkeypatch, step: int):
+    """A --max-minutes budget that runs out after update `step`."""
+    return monkeypatch.setattr(main.TrainingClock, "out_of_time",
+                               property(lambda clock: clock.progress.step >= step))
+
+
+def test_resume_with_another_batch_size_continues_after_the_crops_already_trained_on(corpus, tmp_path,
+                                                                                     monkeypatch):
+    with monkeypatch.context() as budget:
+        stop_after(budget, 1)
+        assert train(corpus, tmp_path, "--batch-size", "2")["crops_in_epoch"] == 2
+    keys = trained_keys(monkeypatch)
+    train(corpus, tmp_path, "--batch-size", "4", "--max-updates", "2", "--resume")
+    train_files = data.split_manifest(data.build_manifest(corpus), 0.2)[0]
+    order = list(data.EpochSampler(len(train_files), seed=0))  # epoch 0's order
+    assert keys[:4] == order[2:6]  # the first update after the resume takes the next 4 crops in the order
+
+
+def test_resume_past_the_end_of_the_epoch_for_a_larger_batch_ends_the_epoch_instead_of_spinning(
+        corpus, tmp_path, monkeypatch):
+    with monkeypatch.context() as budget:
+        stop_after(budget, 3)
+        train(corpus, tmp_path, "--batch-size", "2")  # 6 of 9 crops: fewer left than a batch of 4
+    with fail_after(seconds=60):
+        ckpt = train(corpus, tmp_path, "--batch-size", "4", "--epochs", "10", "--max-updates", "5",
+                     "--resume")
+    assert (ckpt["step"], ckpt["epoch"]) == (5, 2)  # epoch 0 ended at the resume, epoch 1 took 2 updates
+    assert [(entry["step"], entry["epoch"]) for entry in ckpt["history"]["valid"]] == [(3, 0), (3, 0), (5, 1)]
+
+
+def test_resume_mid_epoch_with_another_training_set_ends_that_epoch_with_a_warning(corpus, tmp_path,
+                                                                                  monkeypatch):
+    with monkeypatch.context() as budget:
+        stop_after(budget, 1)
+        train(corpus, tmp_path)  # 9 training files
+    keys = trained_keys(monkeypatch)
+    ckpt = train(corpus, tmp_path, "--valid-fraction", "0.5", "--max-updates", "2", "--resume")
+    assert "where it stopped cannot be found: it ends here, and epoch 1 starts" in (
+        tmp_path / "train.log").read_text()
+    assert ckpt["epoch"] == 1 and {epoch for _, epoch in keys} == {1}  # nothing more from epoch 0's order
+
+
+class TimedOut(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def fail_after(seconds: int):
+    """Raise TimedOut in the main thread after `seconds`: a loop that spins fails instead of hanging."""
+    def expire(signum, frame):
+        raise TimedOut(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_resume_with_only_the_output_dir_continues_with_the_runs_own_flags(corpus, tmp_path):
+    train(corpus, tmp_path, "--max-updates", "2", "--channels", "16")
+    args = main.parse_args(["--output-dir", str(tmp_path), "--resume", "--max-updates", "3"])
+    assert (args.data_dir, args.channels, args.segment_length, args.batch_size) == (str(corpus), 16, 6000, 2)
+    main.train(args)
+    assert load(tmp_path / "latest.pt")["step"] == 3
+    assert "Flags changed since the checkpoint: --max-updates 2 -> 3" in (tmp_path / "train.log").read_text()
 
 
 def test_two_accumulated_batches_make_the_same_update_as_one_double_batch(corpus, tmp_path):
@@ -267,7 +351,7 @@ def test_unreadable_and_truncated_audio_files_are_skipped(corpus, tmp_path):
 
 # ----- distributed and signals (separate processes) -----------------------------------------------
 
-def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_loads_in_one(corpus, tmp_path):
+def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_one_process_continues(corpus, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py",
          *tiny_flags(corpus, tmp_path, "--batch-size", "1", "--max-updates", "3")],
@@ -278,24 +362,133 @@ def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_loads_in_one(
     assert "cpu x 2" in (tmp_path / "train.log").read_text()
     model = Wav2Vec.from_pretrained(tmp_path / "latest.pt")
     assert model.extract_features(torch.zeros(6000))["c"].shape[-1] == model.num_frames(6000)
+    assert (ckpt["world_size"], ckpt["crops_in_epoch"]) == (2, 6)  # 3 updates x 1 crop x 2 processes
+    resumed = train(corpus, tmp_path, "--batch-size", "1", "--max-updates", "4", "--resume")
+    assert (resumed["epoch"], resumed["crops_in_epoch"]) == (0, 7)  # one more crop into epoch 0
+    assert "written by 2 processes, continued by 1" in (tmp_path / "train.log").read_text()
 
 
-def test_sigterm_mid_run_saves_a_loadable_latest_checkpoint(corpus, tmp_path):
-    log_file = tmp_path / "train.log"
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        flags = tiny_flags(corpus, tmp_path, "--epochs", "1000")
-        process = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO, stdout=subprocess.DEVNULL,
-                                   stderr=stderr, env=ONE_THREAD)
-        deadline = time.monotonic() + 90
-        while not (log_file.exists() and "INFO step 2 " in log_file.read_text()):
-            assert process.poll() is None and time.monotonic() < deadline, "no training log line appeared"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+def start_training(out: Path, *flags: str, cwd: Path = REPO, script: tuple[str, ...] = ("main.py",),
+                   env: dict | None = None) -> subprocess.Popen:
+    """main.py in its own process group, as a terminal or a scheduler starts it; stderr to out/stderr.txt."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "stderr.txt", "w") as stderr:
+        return subprocess.Popen([sys.executable, *script, *flags], cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=stderr, env=env or ONE_THREAD, start_new_session=True)
+
+
+def wait_for_line(process: subprocess.Popen, log_file: Path, text: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log_file.exists() and text in log_file.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, f"no log line with {text!r} appeared"
+        time.sleep(0.1)
+
+
+def stop_group(process: subprocess.Popen, sig: signal.Signals, timeout: float) -> tuple[int, float]:
+    """Send `sig` to the whole process group (Ctrl-C, torchrun, SLURM): (exit code, seconds it took)."""
+    start = time.monotonic()
+    os.killpg(process.pid, sig)
+    try:
+        code = process.wait(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # workers or a hung run must not outlive the test
+    return code, time.monotonic() - start
+
+
+@pytest.mark.parametrize("workers", [0, 2, 4])
+def test_sigterm_to_the_process_group_saves_the_last_update_and_the_run_resumes(corpus, tmp_path, workers):
+    # The loader workers get the signal too; a worker it kills used to fail the run without saving it.
+    process = start_training(tmp_path, *tiny_flags(corpus, tmp_path, "--epochs", "1000", "--num-workers",
+                                                   str(workers)))
+    wait_for_line(process, tmp_path / "train.log", "INFO step 2 ")
+    code, seconds = stop_group(process, signal.SIGTERM, timeout=30)
+    assert code == 0 and seconds < 30, (tmp_path / "stderr.txt").read_text()[-3000:]
+    log_text = (tmp_path / "train.log").read_text()
     ckpt = load(tmp_path / "latest.pt")
-    assert ckpt["step"] >= 2 and ckpt["step"] == len(ckpt["history"]["train"])
+    last_update = max(entry["step"] for entry in ckpt["history"]["train"])
+    assert ckpt["step"] == last_update == len(ckpt["history"]["train"]) >= 2
+    assert f"INFO step {last_update + 1} " not in log_text  # no update ran after the one saved
     assert ckpt["epoch"] * 4 + ckpt["batch_in_epoch"] == ckpt["step"]  # a mid-epoch resume point
-    assert f"Stopped by SIGTERM at step {ckpt['step']}" in log_file.read_text()
+    assert f"Stopped by SIGTERM at step {ckpt['step']}" in log_text
+    resumed = train(corpus, tmp_path, "--max-updates", str(ckpt["step"] + 1), "--resume")
+    assert resumed["step"] == ckpt["step"] + 1
+
+
+def test_one_ctrl_c_is_announced_once_not_once_per_loader_worker(corpus, tmp_path):
+    flags = tiny_flags(corpus, tmp_path, "--epochs", "1000", "--num-workers", "2")
+    process = start_training(tmp_path, *flags)
+    wait_for_line(process, tmp_path / "train.log", "INFO step 5 ")  # after a validation: its workers exist
+    assert stop_group(process, signal.SIGINT, timeout=30)[0] == 0
+    assert (tmp_path / "train.log").read_text().count("SIGINT received") == 1
+
+
+def test_ctrl_c_while_the_demo_corpus_is_synthesised_stops_at_once_and_leaves_no_run(tmp_path):
+    out = tmp_path / "checkpoints"
+    process = start_training(out, "--demo", "--output-dir", str(out), cwd=tmp_path,
+                             script=(str(REPO / "main.py"),))
+    wait_for_line(process, out / "train.log", "Synthesising the demo corpus")
+    code, seconds = stop_group(process, signal.SIGINT, timeout=30)
+    assert code == 130 and seconds < 10
+    assert not (out / "latest.pt").exists()
+    assert not list((tmp_path / "data").rglob("*.wav"))  # no partial corpus for the next run to take
+
+
+INTERRUPT_PACKING = """
+import os, signal, main
+pack = main.prepare_packed_corpus
+def interrupted(*args, **kwargs):  # Ctrl-C just as packing starts
+    os.kill(os.getpid(), signal.SIGINT)
+    return pack(*args, **kwargs)
+main.prepare_packed_corpus = interrupted
+main.run_cli(main.main)
+"""
+
+
+def test_ctrl_c_while_the_corpus_is_packed_stops_at_once_and_leaves_no_run(corpus, tmp_path):
+    result = run_script("-c", INTERRUPT_PACKING, *tiny_flags(corpus, tmp_path, "--packed-dir",
+                                                             str(tmp_path / "packed")))
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "SIGINT received before the first update" in result.stderr
+    assert not (tmp_path / "latest.pt").exists()
+
+
+SIGNAL_RANK_1_IN_VALIDATION = """
+import os, signal, main
+validate = main.validate
+def signalled(*args, **kwargs):  # a SIGTERM that reaches rank 1 only, while the ranks validate
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return validate(*args, **kwargs)
+main.validate = signalled
+main.run_cli(main.main)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp_path):
+    # Before the vote, the signalled rank left at the epoch's end and the other waited for it forever.
+    env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [start_training(tmp_path / f"rank{r}", "-c", SIGNAL_RANK_1_IN_VALIDATION,
+                            *tiny_flags(corpus, tmp_path, "--epochs", "1000", "--batch-size", "1"),
+                            script=(), env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    codes = []
+    for process in ranks:
+        try:
+            codes.append(process.wait(timeout=60))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    assert codes == [0, 0], (tmp_path / "rank0" / "stderr.txt").read_text()[-3000:]
+    ckpt = load(tmp_path / "latest.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["crops_in_epoch"]) == (4, 1, 0)  # the end of epoch 0
+    assert "Stopped by a signal to another rank at step 4" in (tmp_path / "train.log").read_text()
+    assert "SIGTERM received" in (tmp_path / "rank1" / "stderr.txt").read_text()
 
 
 # ----- bad input ----------------------------------------------------------------------------------
@@ -308,14 +501,19 @@ def test_corrupt_latest_checkpoint_on_resume_is_one_clear_error_line(corpus, tmp
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'latest.pt'} is corrupt")
 
 
-def test_resume_with_another_model_config_names_the_fields_that_differ(corpus, tmp_path):
+def test_resume_refuses_a_model_flag_that_differs_in_one_sentence_naming_it(corpus, tmp_path):
     train(corpus, tmp_path, "--max-updates", "1")
-    with pytest.raises(UserError, match="another configuration.*num_negatives: saved 10, now 5"):
-        train(corpus, tmp_path, "--num-negatives", "5", "--resume")
+    with pytest.raises(UserError, match="^--channels cannot change .* trained with --channels 32, so resume "
+                                        "without it"):
+        main.parse_args(["--output-dir", str(tmp_path), "--resume", "--channels", "64"])
 
 
-def test_resuming_a_run_without_skip_connections_names_the_flag_it_needs(corpus, tmp_path):
+def test_resuming_a_run_from_before_skip_connections_were_the_default_names_the_flag_it_needs(corpus,
+                                                                                            tmp_path):
     train(corpus, tmp_path, "--max-updates", "1", "--no-skip-connections")
+    ckpt = load(tmp_path / "latest.pt")
+    ckpt["args"]["skip_connections"] = None  # the flag's value in such runs: the default, then no skips
+    save_checkpoint(ckpt, tmp_path / "latest.pt")
     with pytest.raises(UserError, match="skip_connections: saved False, now True.*--no-skip-connections"):
         train(corpus, tmp_path, "--resume")
 
