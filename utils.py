@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,10 +278,15 @@ class StopRequest:
     on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # One stop can arrive twice: under torchrun, Ctrl-C or a scheduler signals the whole group, and the
+    # agent forwards the signal it got to every rank milliseconds later. A repeat within this many seconds
+    # is that duplicate, not a second request.
+    REPEAT_SECONDS = 1.0
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.signal_name: str | None = None  # also set when another rank was signalled (the loop's vote)
         self.graceful = False
+        self._first_at: float | None = None  # when this process got its own first signal
 
     def __enter__(self) -> StopRequest:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -291,9 +297,12 @@ class StopRequest:
             signal.signal(s, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signal_name is not None:
+        now = time.monotonic()
+        if self._first_at is not None:
+            if now - self._first_at < self.REPEAT_SECONDS:
+                return
             raise KeyboardInterrupt
-        name = signal.Signals(signum).name
+        self._first_at, name = now, signal.Signals(signum).name
         if not self.graceful:
             log.warning("%s received before the first update: stopping now, nothing saved.", name)
             raise KeyboardInterrupt

@@ -491,6 +491,21 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp
     assert "SIGTERM received" in (tmp_path / "rank1" / "stderr.txt").read_text()
 
 
+def test_the_same_signal_twice_in_a_second_is_one_stop_request_and_a_later_one_stops_at_once(monkeypatch):
+    # killpg reaches a rank, then torchrun's agent forwards the same stop to it milliseconds later.
+    now = [100.0]
+    monkeypatch.setattr(utils.time, "monotonic", lambda: now[0])
+    with utils.StopRequest() as stop:
+        stop.graceful = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        now[0] += 0.05
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        now[0] += 2
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 # ----- bad input ----------------------------------------------------------------------------------
 
 def test_corrupt_latest_checkpoint_on_resume_is_one_clear_error_line(corpus, tmp_path):
