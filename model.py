@@ -56,13 +56,15 @@ class Wav2VecConfig:
             raise UserError("prediction_steps and the number of negatives must be at least 1.")
 
     @classmethod
-    def preset(cls, name: str, channels: int = 512, **overrides) -> Wav2VecConfig:
-        """The paper's base model ("wav2vec") or the released large model ("wav2vec_large")."""
+    def preset(cls, name: str, channels: int | None = None, **overrides) -> Wav2VecConfig:
+        """The paper's base model ("wav2vec"), the released large model ("wav2vec_large") or the streamable
+        keyword-spotting size ("wav2vec_tiny"); `channels` sets every width (default: the preset's own)."""
         if name not in PRESETS:
             raise UserError(f"Unknown model {name!r}: choose one of {sorted(PRESETS)}.")
         config = PRESETS[name]
-        config = replace(config, encoder_layers=_with_width(config.encoder_layers, channels),
-                         context_layers=_with_width(config.context_layers, channels))
+        if channels is not None:
+            config = replace(config, encoder_layers=_with_width(config.encoder_layers, channels),
+                             context_layers=_with_width(config.context_layers, channels))
         return replace(config, **overrides)
 
     def to_dict(self) -> dict:
@@ -126,6 +128,15 @@ PRESETS = {
         context_layers=tuple((512, k, 1) for k in range(2, 14)),
         skip_connections=True,
         log_compression=True,
+    ),
+    # Keyword spotting on microcontroller-class devices: the base layout at 64 channels with per-frame
+    # LayerNorm, so that it streams (Wav2Vec.streamer). 244,736 parameters, 195,520 without the
+    # prediction head that only pre-training uses; 50.4 M multiply-adds per second of audio.
+    "wav2vec_tiny": Wav2VecConfig(
+        encoder_layers=_with_width(ENCODER_BASE, 64),
+        context_layers=((64, 3, 1),) * 9,
+        norm="layer",
+        skip_connections=True,
     ),
 }
 
