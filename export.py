@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         ondevice.export_torchscript(model, exported, streaming=args.streaming)
     report = {"output": str(args.output), "format": args.format,
               "form": "streaming" if args.streaming else "offline",
-              "parameters": sum(p.numel() for p in model.encoder.parameters())
-              + sum(p.numel() for p in model.context.parameters()),
+              "parameters": ondevice.extractor_parameters(model),
               "bytes": exported.stat().st_size,
               "max_abs_diff_to_pytorch": parity(model, exported, args.format, args.streaming)}
     if args.streaming:

@@ -40,6 +40,11 @@ class OfflineExtractor(nn.Module):
         return z, self.model.context(z)
 
 
+def extractor_parameters(model: Wav2Vec) -> int:
+    """Parameters of what is exported: encoder and context network (the prediction head trains only)."""
+    return sum(p.numel() for part in (model.encoder, model.context) for p in part.parameters())
+
+
 def graph_form(model: Wav2Vec, streaming: bool) -> tuple[nn.Module, tuple, list[str], list[str]]:
     """(module, example inputs, input names, output names) of the offline or the streaming graph."""
     model = model.eval()
