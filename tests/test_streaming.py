@@ -85,3 +85,10 @@ def test_the_fixed_shape_step_gives_offline_frames_after_its_warmup():
 def test_push_refuses_a_batch():
     with pytest.raises(UserError, match="1-D"):
         streamable().streamer().push(torch.randn(2, 160))
+
+
+def test_the_tiny_preset_streams_with_at_most_250k_parameters():
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec_tiny"))
+    assert model.num_parameters() == 244_736 <= 250_000  # 195,520 without the pre-training head
+    assert model.config.norm == "layer"
+    model.streamer()  # not refused
