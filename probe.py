@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max-frames", type=int, default=50000,
                       help="with --frame-level, frames kept in all (drawn evenly over files, for speed)")
     feats = parser.add_argument_group("features")
-    feats.add_argument("--features", required=True, help="mfcc, random, or the path of a checkpoint")
+    feats.add_argument("--features", required=True,
+                       help="mfcc, random, a checkpoint, or an offline graph written by export.py (.onnx)")
     feats.add_argument("--layer", choices=LAYERS, default="c", help="wav2vec layer: c (default) or z")
     feats.add_argument("--pool", choices=("mean", "mean+std"), default="mean",
                        help="pooling over time of each file's frames (ignored with --frame-level)")
