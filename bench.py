@@ -5,6 +5,7 @@
                     [--compile] [--data-dir DIR] [--repeats 5] [--warmup 2] --json OUT.json
     python bench.py --what loader --data-dir DIR [--segment-length 32000] [--batch-size 8] [--num-workers 0]
                     [--packed DIR_FOR_PACKED] [--batches 50] [--repeats 5] --json OUT.json
+    python bench.py --what stream [--hops 1000] [--warmup 2] [--data-dir CALIBRATION_AUDIO] --json OUT.json
 
 train: one full training step as main.py takes it (forward with freshly sampled distractors, loss, backward,
 gradient clipping, AdamW; autocast, and a GradScaler for fp16). extract: model.extract_features under
@@ -12,6 +13,11 @@ autocast. Both run on random waveforms, or on real training batches with --data-
 step, audio seconds per wall-clock second, and the model FLOP utilisation (MFU): analytic FLOPs per second
 over the peak of a square matmul measured on the same device and precision. train with --data-dir also runs
 the loader benchmark and says whether the loader keeps up with the step.
+
+stream: one 10 ms hop at a time on one CPU thread, for the tiny and base layouts with per-frame LayerNorm:
+PyTorch (model.streamer() and the traced TorchScript step, fp32) and ONNX Runtime (the step graph of
+export.py --streaming, fp32 and int8);
+per-hop latency (median, p99), real-time factor, parameters, MACs per second, state and activation bytes.
 
 loader: training batches exactly as main.py draws them (random crops, EpochSampler, make_loader), decoded on
 the fly or, with --packed, sliced from a packed 16 kHz corpus (prepared there on first use). Reports audio
@@ -28,12 +34,15 @@ import logging
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import ondevice
 from data import (
     SAMPLE_RATE,
     CropDataset,
@@ -43,7 +52,7 @@ from data import (
     make_loader,
     prepare_packed_corpus,
 )
-from model import PRESETS, UserError, Wav2Vec, Wav2VecConfig
+from model import PRESETS, StreamingStep, UserError, Wav2Vec, Wav2VecConfig
 from utils import (
     PRECISIONS,
     autocast_context,
@@ -94,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loader.add_argument("--batch-size", type=int, default=8, help="crops per batch")
     loader.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     loader.add_argument("--batches", type=int, default=50, help="batches per timed repeat (loader)")
+    stream = parser.add_argument_group("stream")
+    stream.add_argument("--hops", type=int, default=1000,
+                        help="10 ms hops timed one by one after --warmup hops (stream; --data-dir: int8 "
+                             "calibration audio, else noise)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batches < 1 or args.warmup < 0:
         parser.error("--repeats and --batches must be at least 1, --warmup at least 0")
@@ -325,18 +338,116 @@ def bench_extract(args: argparse.Namespace) -> dict:
                        source)
 
 
+# ----- streaming ------------------------------------------------------------------------------------
+
+STREAM_PRESETS = ("wav2vec_tiny", "wav2vec")  # both with per-frame LayerNorm: group norm cannot stream
+
+
+def hop_activation_bytes(step: StreamingStep) -> int:
+    """Peak float32 activation memory of one hop: the largest layer input window (its buffer and the new
+    frames) plus that layer's output, plus the residual it carries; the state is counted separately."""
+    cfg, peak = step.model.config, 0
+    frames, c_in = cfg.stride, 1  # new input per hop: samples, then frames of each layer
+    for (c_out, _, s), buffer in zip(cfg.encoder_layers, step.buffer_lengths, strict=True):
+        peak = max(peak, c_in * (buffer + frames) + c_out * (frames // s))
+        frames, c_in = frames // s, c_out
+    for c_out, k, _ in cfg.context_layers:
+        peak = max(peak, c_in * k + c_out + (c_in if cfg.skip_connections else 0))
+        c_in = c_out
+    return 4 * peak
+
+
+def hop_latencies(step: Callable[[np.ndarray], object], wav: np.ndarray, warmup: int) -> list[float]:
+    """Seconds of each call on consecutive 160-sample hops of wav, after `warmup` untimed hops."""
+    seconds = []
+    for i, start in enumerate(range(0, len(wav) - SAMPLE_RATE // 100 + 1, SAMPLE_RATE // 100)):
+        hop = wav[start:start + SAMPLE_RATE // 100]
+        begin = time.perf_counter()
+        step(hop)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - begin)
+    return seconds
+
+
+def traced_stepper(path: Path, state: list[torch.Tensor]) -> Callable[[np.ndarray], None]:
+    """A hop function around a traced TorchScript step that feeds each call's state to the next."""
+    traced = torch.jit.load(str(path))
+
+    @torch.no_grad()
+    def step(hop: np.ndarray) -> None:
+        state[:] = traced(torch.from_numpy(hop)[None], *state)[2:]
+    return step
+
+
+def stream_row(preset: str, runtime: str, seconds: list[float], **fields) -> dict:
+    ordered = sorted(seconds)
+    median = statistics.median(ordered)
+    return {"preset": preset, "runtime": runtime, **fields,
+            "latency_ms_median": round(1e3 * median, 4),
+            "latency_ms_p99": round(1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
+            "real_time_factor": round(0.01 / median, 1)}  # 10 ms of audio per hop
+
+
+def bench_stream(args: argparse.Namespace) -> dict:
+    """Latency per 10 ms hop on one CPU thread, streamed by PyTorch (Streamer.push, and the traced step of
+    export.py --format torchscript --streaming; fp32) and by ONNX Runtime (the exported step graph, fp32 and
+    int8), for the tiny and the base layout with per-frame LayerNorm."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(args.seed)
+    wav = (0.1 * rng.standard_normal(SAMPLE_RATE // 100 * (args.hops + args.warmup + 1))).astype(np.float32)
+    calibration = (ondevice.calibration_audio(args.data_dir) if args.data_dir is not None
+                   else [(0.1 * rng.standard_normal(3 * SAMPLE_RATE)).astype(np.float32)])
+    rows = []
+    for preset in STREAM_PRESETS:
+        torch.manual_seed(args.seed)
+        model = Wav2Vec(Wav2VecConfig.preset(preset, norm="layer")).eval()
+        step = StreamingStep(model)
+        shape = {"parameters": ondevice.extractor_parameters(model),
+                 "macs_per_second": sum(model.forward_flops(SAMPLE_RATE, objective=False).values()) // 2,
+                 "state_bytes": sum(t.numel() * t.element_size() for t in step.initial_state()),
+                 "peak_activation_bytes": hop_activation_bytes(step)}
+        streamer = model.streamer()
+        seconds = hop_latencies(lambda hop, s=streamer: s.push(torch.from_numpy(hop)), wav, args.warmup)
+        rows.append(stream_row(preset, "pytorch", seconds, precision="fp32", **shape))
+        with tempfile.TemporaryDirectory() as tmp:
+            ondevice.export_torchscript(model, Path(tmp) / "step.pt", streaming=True)
+            seconds = hop_latencies(traced_stepper(Path(tmp) / "step.pt", step.initial_state()), wav,
+                                    args.warmup)
+            rows.append(stream_row(preset, "torchscript", seconds, precision="fp32", **shape))
+            files = {"fp32": Path(tmp) / "fp32.onnx", "int8": Path(tmp) / "int8.onnx"}
+            ondevice.export_onnx(model, files["fp32"], streaming=True)
+            ondevice.quantize_int8(files["fp32"], files["int8"], calibration)
+            for precision, path in files.items():
+                streamer = ondevice.OnnxStreamer(ondevice.onnx_session(path, threads=1))
+                seconds = hop_latencies(streamer.step, wav, args.warmup)
+                rows.append(stream_row(preset, "onnxruntime", seconds, precision=precision, **shape,
+                                       file_bytes=path.stat().st_size))
+    return {"what": "stream", "hops": args.hops, "warmup": args.warmup, "threads": torch.get_num_threads(),
+            "calibration": str(args.data_dir) if args.data_dir is not None else "noise",
+            "torch_version": torch.__version__, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "rows": rows}
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "loader": bench_loader,
     "train": bench_train,
     "extract": bench_extract,
+    "stream": bench_stream,
 }
 
 
 def print_table(result: dict) -> None:
-    """One aligned `name  value` line per result."""
+    """One aligned `name  value` line per result; a list of rows (stream) as a table after them."""
     width = max(map(len, result))
     for name, value in result.items():
-        print(f"{name:<{width}}  {value}")
+        if name != "rows":
+            print(f"{name:<{width}}  {value}")
+    rows = result.get("rows", [])
+    if rows:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
+        for line in [dict(zip(columns, columns, strict=True)), *rows]:
+            print("  ".join(f"{str(line.get(c, '')):>{widths[c]}}" for c in columns))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -165,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
-                       help="wav2vec: the paper's base (5 + 9 conv layers); wav2vec_large: the released one")
-    model.add_argument("--channels", type=positive_int, default=512, help="width of every layer")
+                       help="wav2vec: the paper's base (5 + 9 conv layers); wav2vec_large: the released one; "
+                            "wav2vec_tiny: 64 channels, per-frame LayerNorm, streams (README: On the device)")
+    model.add_argument("--channels", type=positive_int, default=None,
+                       help="width of every layer (default: the preset's, 512 or 64 for wav2vec_tiny)")
     model.add_argument("--skip-connections", action=argparse.BooleanOptionalAction, default=None,
                        help="residual connections around the context layers (default: on in both presets; "
                             "without them the binary loss collapses, see README)")

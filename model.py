@@ -56,13 +56,15 @@ class Wav2VecConfig:
             raise UserError("prediction_steps and the number of negatives must be at least 1.")
 
     @classmethod
-    def preset(cls, name: str, channels: int = 512, **overrides) -> Wav2VecConfig:
-        """The paper's base model ("wav2vec") or the released large model ("wav2vec_large")."""
+    def preset(cls, name: str, channels: int | None = None, **overrides) -> Wav2VecConfig:
+        """The paper's base model ("wav2vec"), the released large model ("wav2vec_large") or the streamable
+        keyword-spotting size ("wav2vec_tiny"); `channels` sets every width (default: the preset's own)."""
         if name not in PRESETS:
             raise UserError(f"Unknown model {name!r}: choose one of {sorted(PRESETS)}.")
         config = PRESETS[name]
-        config = replace(config, encoder_layers=_with_width(config.encoder_layers, channels),
-                         context_layers=_with_width(config.context_layers, channels))
+        if channels is not None:
+            config = replace(config, encoder_layers=_with_width(config.encoder_layers, channels),
+                             context_layers=_with_width(config.context_layers, channels))
         return replace(config, **overrides)
 
     def to_dict(self) -> dict:
@@ -127,6 +129,15 @@ PRESETS = {
         skip_connections=True,
         log_compression=True,
     ),
+    # Keyword spotting on microcontroller-class devices: the base layout at 64 channels with per-frame
+    # LayerNorm, so that it streams (Wav2Vec.streamer). 244,736 parameters, 195,520 without the
+    # prediction head that only pre-training uses; 50.4 M multiply-adds per second of audio.
+    "wav2vec_tiny": Wav2VecConfig(
+        encoder_layers=_with_width(ENCODER_BASE, 64),
+        context_layers=((64, 3, 1),) * 9,
+        norm="layer",
+        skip_connections=True,
+    ),
 }
 
 
@@ -167,7 +178,16 @@ class ConvBlock(nn.Module):
         if self.left_pad:
             mode = "replicate" if self.padding_mode == "replicate" else "constant"
             x = F.pad(x, (self.left_pad, 0), mode=mode)
+        return self.unpadded(x)
+
+    def unpadded(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv, norm, ReLU on input that already holds its left context (as streaming feeds it)."""
         return F.relu(self.norm(self.conv(x)))
+
+    def left_context(self, first: torch.Tensor) -> torch.Tensor:
+        """The k-1 frames forward() pads with, from the first input frame (B, C, 1): its copies, or zeros."""
+        padding = first if self.padding_mode == "replicate" else torch.zeros_like(first)
+        return padding.expand(-1, -1, self.left_pad)
 
 
 class Encoder(nn.Module):
@@ -187,6 +207,20 @@ class Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return torch.log1p(x.abs()) if self.log_compression else x
+
+    def stream(self, wav: torch.Tensor,
+               buffers: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """New samples wav (B, L) -> the frames z (B, C, t) they complete (t may be 0), and the new buffers.
+        buffers[i] holds layer i's input not yet consumed by a full stride (always fewer than k frames)."""
+        x, kept = wav.unsqueeze(1), []
+        for layer, buffer in zip(self.layers, buffers, strict=True):
+            x = torch.cat([buffer, x], dim=2)
+            (k,), (s,) = layer.conv.kernel_size, layer.conv.stride
+            n = (x.shape[-1] - k) // s + 1 if x.shape[-1] >= k else 0  # outputs this input completes
+            kept.append(x[..., n * s:])
+            width = layer.conv.out_channels
+            x = layer.unpadded(x[..., :(n - 1) * s + k]) if n else x.new_zeros(len(x), width, 0)
+        return (torch.log1p(x.abs()) if self.log_compression else x), kept
 
 
 class ContextNetwork(nn.Module):
@@ -214,6 +248,20 @@ class ContextNetwork(nn.Module):
             y = layer(x)
             x = (y + proj(x)) * self.residual_scale if self.skip_connections else y
         return x
+
+    def stream(self, z: torch.Tensor, buffers: list[torch.Tensor],
+               first: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """New frames z (B, C, t >= 1) -> their c (B, C, t), and each layer's last k-1 input frames.
+        `first` (0-dim bool) says z starts the stream: the buffers are replaced by forward()'s padding
+        (a tensor, not a Python bool, so that an exported graph can carry the decision as state)."""
+        x, kept = z, []
+        for layer, proj, buffer in zip(self.layers, self.residual_proj, buffers, strict=True):
+            buffer = torch.where(first, layer.left_context(x[..., :1]), buffer)
+            window = torch.cat([buffer, x], dim=2)
+            kept.append(window[..., window.shape[-1] - layer.left_pad:])
+            y = layer.unpadded(window)
+            x = (y + proj(x)) * self.residual_scale if self.skip_connections else y
+        return x, kept
 
 
 class StepPredictions(nn.Module):
@@ -389,6 +437,10 @@ class Wav2Vec(nn.Module):
                    "accuracy_per_step": correct.sum((0, 1)) / positions_per_step.clamp(min=1)}
         return loss, metrics
 
+    def streamer(self) -> Streamer:
+        """A stateful extractor: `s.push(chunk)` takes audio as it comes, returns the frames it completes."""
+        return Streamer(self)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Wav2Vec:
         """A model in eval mode from a checkpoint of this repository or of fairseq's wav2vec 1.0."""
@@ -396,6 +448,95 @@ class Wav2Vec(nn.Module):
         model = cls(config)
         model.load_state_dict(state_dict)
         return model.to(map_location).eval()
+
+
+# ----- streaming ----------------------------------------------------------------------------------
+
+def check_streamable(config: Wav2VecConfig) -> None:
+    """Refuse a model whose frames depend on audio that has not arrived yet."""
+    if config.norm != "layer":
+        raise UserError(f"This model uses norm={config.norm!r}, whose statistics span the whole input, so "
+                        "no frame is final until the input ends and it cannot stream: pre-train one with "
+                        "per-frame LayerNorm instead (python main.py --model wav2vec_tiny, or norm='layer').")
+
+
+def _context_buffers(model: Wav2Vec, like: torch.Tensor) -> list[torch.Tensor]:
+    """Zeros standing in for each context layer's last k-1 input frames until the first frame arrives."""
+    return [like.new_zeros(1, layer.conv.in_channels, layer.left_pad) for layer in model.context.layers]
+
+
+class Streamer:
+    """Frame-by-frame extraction from a norm="layer" model, equal to extract_features on the whole input.
+
+    push(chunk) takes the next samples (L,), any number of them, and returns the frames they complete,
+    {"z": (1, C, t), "c": (1, C, t)} with t >= 0. Only the left context each convolution needs is kept.
+    Latency: z(t) and c(t) are returned by the push that brings sample 160 t + 464, the last of frame t's
+    465-sample receptive field, i.e. 0 samples after the frame's end (c is causal: it waits for no later z).
+    """
+
+    def __init__(self, model: Wav2Vec):
+        check_streamable(model.config)
+        self.model = model
+        like = next(model.parameters())
+        self.encoder_buffers = [like.new_zeros(1, layer.conv.in_channels, 0)
+                                for layer in model.encoder.layers]
+        self.context_buffers = _context_buffers(model, like)
+        self.started = False
+
+    @torch.no_grad()
+    def push(self, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        """chunk (L,) of 16 kHz audio -> {"z": (1, C, t), "c": (1, C, t)}, the frames it completes."""
+        if chunk.dim() != 1:
+            raise UserError(f"push() takes a 1-D chunk of samples, got shape {tuple(chunk.shape)}.")
+        like = self.context_buffers[0] if self.context_buffers else next(self.model.parameters())
+        z, self.encoder_buffers = self.model.encoder.stream(chunk.to(like)[None], self.encoder_buffers)
+        if z.shape[-1] == 0:
+            return {"z": z, "c": z.new_zeros(1, self.model.config.context_layers[-1][0], 0)}
+        first = torch.tensor(not self.started)
+        c, self.context_buffers = self.model.context.stream(z, self.context_buffers, first)
+        self.started = True
+        return {"z": z, "c": c}
+
+
+class StreamingStep(nn.Module):
+    """One hop of `stride` samples with the state as explicit inputs and outputs: the exportable form.
+
+    forward(hop (1, stride), *state) -> (z (1, C, 1), c (1, C, 1), *new state). Every shape is fixed:
+    the encoder buffers have the lengths they settle at in a stream of whole hops, and start as zeros,
+    so the first `warmup_hops` outputs are not frames of the audio (drop them); from then on hop j gives
+    frame j - warmup_hops of extract_features, exactly. A hop counter in the state tells the context
+    network which frame is the first one, where it pads. Latency: frame t is out with sample
+    160 (t + warmup_hops + 1) - 1, i.e. stride * (warmup_hops + 1) - receptive_field samples (15 for
+    the presets) after the end of its receptive field.
+    """
+
+    def __init__(self, model: Wav2Vec):
+        super().__init__()
+        check_streamable(model.config)
+        self.model = model
+        cfg = model.config
+        hops = math.ceil(cfg.receptive_field / cfg.stride) + 1  # enough whole hops for every layer to emit
+        self.warmup_hops = hops - model.num_frames(hops * cfg.stride)
+        count, self.buffer_lengths = hops * cfg.stride, []
+        for _, k, s in cfg.encoder_layers:
+            n = (count - k) // s + 1
+            self.buffer_lengths.append(count - n * s)
+            count = n
+
+    def initial_state(self) -> list[torch.Tensor]:
+        """Encoder buffers, context buffers, then the hop counter (int64): the state before any audio."""
+        like = next(self.model.parameters())
+        encoder = [like.new_zeros(1, layer.conv.in_channels, n)
+                   for layer, n in zip(self.model.encoder.layers, self.buffer_lengths, strict=True)]
+        return [*encoder, *_context_buffers(self.model, like), torch.zeros((), dtype=torch.int64)]
+
+    def forward(self, hop: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n_encoder = len(self.buffer_lengths)
+        encoder_buffers, context_buffers = list(state[:n_encoder]), list(state[n_encoder:-1])
+        hops = state[-1]
+        z, encoder_buffers = self.model.encoder.stream(hop, encoder_buffers)
+        c, context_buffers = self.model.context.stream(z, context_buffers, hops == self.warmup_hops)
+        return (z, c, *encoder_buffers, *context_buffers, hops + 1)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

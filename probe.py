@@ -7,7 +7,8 @@
 Features are pooled over each file (or, with --frame-level, kept per 10 ms frame), standardised, and
 fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
 - --features: `mfcc` (13 MFCCs + deltas, 25 ms window every 10 ms), `random` (the base wav2vec config,
-  randomly initialised with --seed) or the path of a checkpoint (ours or fairseq's).
+  randomly initialised with --seed), the path of a checkpoint (ours or fairseq's), or an offline ONNX
+  graph written by export.py (`.onnx`, fp32 or int8, run by ONNX Runtime).
 - --labels: a TSV whose header has `path` (relative to --data-dir) and `label`; `folder` (each file's
   sub-folder); `pattern:REGEX` (a regular expression matching the whole file name, with a named group
   `label`); `fsdd-digit` / `fsdd-speaker` (FSDD names `{digit}_{speaker}_{index}.wav`). Files without a
@@ -46,6 +47,7 @@ from sklearn.preprocessing import StandardScaler
 from data import find_audio_files
 from features import LAYERS, MFCC_WINDOW, FramesOf, file_frames, mfcc, model_features, pool
 from model import UserError, Wav2Vec, Wav2VecConfig
+from ondevice import onnx_offline, onnx_session
 from utils import FSDD_PATTERN, labels_for_files, resolve_device, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max-frames", type=int, default=50000,
                       help="with --frame-level, frames kept in all (drawn evenly over files, for speed)")
     feats = parser.add_argument_group("features")
-    feats.add_argument("--features", required=True, help="mfcc, random, or the path of a checkpoint")
+    feats.add_argument("--features", required=True,
+                       help="mfcc, random, a checkpoint, or an offline graph written by export.py (.onnx)")
     feats.add_argument("--layer", choices=LAYERS, default="c", help="wav2vec layer: c (default) or z")
     feats.add_argument("--pool", choices=("mean", "mean+std"), default="mean",
                        help="pooling over time of each file's frames (ignored with --frame-level)")
@@ -155,6 +158,10 @@ def featurizer(spec: str, layer: str, seed: int, device: torch.device) -> tuple[
     if spec == "random":
         torch.manual_seed(seed)
         model = Wav2Vec(Wav2VecConfig.preset("wav2vec")).to(device).eval()
+    elif spec.endswith(".onnx"):  # an offline graph written by export.py (fp32 or int8), run by ONNX Runtime
+        session = onnx_session(Path(spec))
+        window = int(session.get_modelmeta().custom_metadata_map["receptive_field"])
+        return (lambda wavs: [onnx_offline(session, wav)[layer][0] for wav in wavs]), window
     else:
         model = Wav2Vec.from_pretrained(spec, map_location=device)
     return partial(model_features, model, layer=layer), model.receptive_field

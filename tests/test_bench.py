@@ -68,3 +68,15 @@ def test_loader_without_a_data_folder_is_one_error_line_and_exit_code_2():
     assert run.returncode == 2
     assert run.stderr.startswith("error: ") and "--data-dir" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_stream_benchmark_times_every_runtime_and_reports_the_device_budget(monkeypatch):
+    monkeypatch.setattr(bench, "STREAM_PRESETS", ("wav2vec_tiny",))
+    result = bench.main(["--what", "stream", "--hops", "5", "--warmup", "3"])
+    runtimes = [(row["runtime"], row["precision"]) for row in result["rows"]]
+    assert runtimes == [("pytorch", "fp32"), ("torchscript", "fp32"), ("onnxruntime", "fp32"),
+                        ("onnxruntime", "int8")]
+    for row in result["rows"]:
+        assert 0 < row["latency_ms_median"] <= row["latency_ms_p99"]
+        assert row["real_time_factor"] == pytest.approx(10 / row["latency_ms_median"], rel=0.01, abs=0.05)
+        assert row["state_bytes"] == 7964 and row["parameters"] == 195_520

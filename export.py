@@ -1,0 +1,192 @@
+"""Export a pre-trained model for on-device use: ONNX or TorchScript, offline or streaming, fp32 or int8.
+
+    python export.py --checkpoint CKPT --format onnx|torchscript [--streaming] --output FILE
+    python export.py --checkpoint CKPT --format onnx [--streaming] --quantize int8 --calibration-dir DIR \\
+                     --output FILE.int8.onnx
+
+Offline: wav (B, L) -> z (B, C, T), c (B, C, T), any batch and length. --streaming (models with
+norm="layer", e.g. --model wav2vec_tiny): one hop of 160 samples and the state in, the hop's frame and
+the state out (see ondevice.py for the protocol). Every file written is loaded back, run on random audio
+and compared with PyTorch (largest absolute difference printed).
+--quantize int8 (ONNX): ONNX Runtime static quantization, per-channel int8 convolution weights and uint8
+activations calibrated on --calibration-dir; the fp32 graph is kept beside it (FILE with .fp32.onnx), and
+the size, speed (one thread) and cosine similarity of the features to fp32 on the calibration audio are
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ondevice
+from model import StreamingStep, Wav2Vec
+from utils import run_cli, setup_logging
+
+log = logging.getLogger(__name__)
+
+PARITY_LENGTHS = (465, 4000, 16007)  # one frame, a short crop, a second with a ragged end
+STREAM_SECONDS = 1.0  # random audio streamed hop by hop for the streaming parity check
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a checkpoint of main.py (or fairseq's)")
+    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
+    parser.add_argument("--streaming", action="store_true",
+                        help="the streaming step (one 10 ms hop, state in and out), not the offline graph")
+    parser.add_argument("--output", type=Path, required=True, help="the file to write")
+    parser.add_argument("--quantize", choices=("int8",), help="post-training static quantization (ONNX only)")
+    parser.add_argument("--calibration-dir", type=Path, help="audio to calibrate int8 activations on")
+    parser.add_argument("--calibration-files", type=int, default=32,
+                        help="files taken from --calibration-dir")
+    parser.add_argument("--dynamo", action="store_true",
+                        help="use PyTorch's torch.export-based ONNX exporter (minutes, not seconds)")
+    parser.add_argument("--json", type=Path, help="also write the report to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quantize and args.format != "onnx":
+        parser.error("--quantize int8 works on ONNX graphs: use --format onnx")
+    if args.quantize and args.calibration_dir is None:
+        parser.error("--quantize int8 needs --calibration-dir DIR (speech like the audio the model will see)")
+    return args
+
+
+# ----- loading the written file back --------------------------------------------------------------
+
+def torchscript_runner(path: Path) -> Callable[..., tuple]:
+    module = torch.jit.load(str(path))
+
+    @torch.no_grad()
+    def run(*inputs: np.ndarray) -> tuple:
+        return tuple(out.numpy() for out in module(*map(torch.from_numpy, inputs)))
+    return run
+
+
+def onnx_runner(path: Path) -> Callable[..., tuple]:
+    session = ondevice.onnx_session(path)
+    names = [i.name for i in session.get_inputs()]
+    return lambda *inputs: tuple(session.run(None, dict(zip(names, inputs, strict=True))))
+
+
+def reference_and_exported(model: Wav2Vec, run: Callable[..., tuple], streaming: bool,
+                           rng: np.random.Generator,
+                           stream_seconds: float = STREAM_SECONDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(PyTorch, exported) output pairs: offline over several lengths, or every hop of a random stream."""
+    if not streaming:
+        pairs = []
+        for length in PARITY_LENGTHS:
+            wav = rng.standard_normal((2, length)).astype(np.float32)
+            want = model.extract_features(torch.from_numpy(wav))
+            pairs += list(zip((want["z"].numpy(), want["c"].numpy()), run(wav)[:2], strict=True))
+        return pairs
+    step = StreamingStep(model).eval()
+    state = step.initial_state()
+    exported = [s.numpy() for s in state]
+    wav = rng.standard_normal((1, int(stream_seconds * 16000))).astype(np.float32)
+    pairs = []
+    with torch.no_grad():
+        for start in range(0, wav.shape[1] - step.model.config.stride + 1, step.model.config.stride):
+            hop = wav[:, start:start + step.model.config.stride]
+            z, c, *state = step(torch.from_numpy(hop), *state)
+            out = run(hop, *exported)
+            exported = list(out[2:])  # the exported graph carries its own state from call to call
+            pairs += [(z.numpy(), out[0]), (c.numpy(), out[1])]
+    return pairs
+
+
+def parity(model: Wav2Vec, path: Path, fmt: str, streaming: bool,
+           stream_seconds: float = STREAM_SECONDS) -> float:
+    """Largest |PyTorch - exported| over the parity inputs; raises if beyond rtol 1e-4 (a bug, not a user
+    error)."""
+    run = onnx_runner(path) if fmt == "onnx" else torchscript_runner(path)
+    pairs = reference_and_exported(model, run, streaming, np.random.default_rng(0), stream_seconds)
+    for want, got in pairs:
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    return max(float(np.abs(want - got).max()) for want, got in pairs)
+
+
+# ----- int8 -------------------------------------------------------------------------------------------
+
+def median_seconds(call: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def features_of(path: Path, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    session = ondevice.onnx_session(path)
+    if session.get_modelmeta().custom_metadata_map["form"] == "streaming":
+        return [ondevice.OnnxStreamer(session).frames(wav) for wav in wavs]
+    return [ondevice.onnx_offline(session, wav) for wav in wavs]
+
+
+def int8_report(fp32_path: Path, int8_path: Path, wavs: list[np.ndarray]) -> dict:
+    """Size, one-thread speed and feature cosine similarity of the int8 graph against the fp32 one."""
+    report = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
+    report["size_ratio"] = round(report["fp32_bytes"] / report["int8_bytes"], 2)
+    fp32, int8 = features_of(fp32_path, wavs), features_of(int8_path, wavs)
+    for key in ("z", "c"):
+        cos = np.concatenate([ondevice.cosine_similarity(a[key], b[key])
+                              for a, b in zip(fp32, int8, strict=True)])
+        report[f"cosine_{key}_mean"] = round(float(cos.mean()), 4)
+        report[f"cosine_{key}_min"] = round(float(cos.min()), 4)
+    second = np.resize(wavs[0], 16000)
+    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+        session = ondevice.onnx_session(path)
+        if session.get_modelmeta().custom_metadata_map["form"] == "streaming":
+            streamer = ondevice.OnnxStreamer(session)
+            seconds = median_seconds(lambda s=streamer: s.step(second[:s.stride]), repeats=200)
+            report[f"{name}_seconds_per_hop"] = round(seconds, 6)
+        else:
+            seconds = median_seconds(lambda s=session: ondevice.onnx_offline(s, second))
+            report[f"{name}_seconds_per_audio_second"] = round(seconds, 5)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Export, check the written file against PyTorch, quantize if asked; print and return the report."""
+    args = parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(1)
+    model = Wav2Vec.from_pretrained(args.checkpoint)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    exported = args.output.with_suffix(".fp32.onnx") if args.quantize else args.output
+    if args.format == "onnx":
+        ondevice.export_onnx(model, exported, streaming=args.streaming, dynamo=args.dynamo)
+    else:
+        ondevice.export_torchscript(model, exported, streaming=args.streaming)
+    report = {"output": str(args.output), "format": args.format,
+              "form": "streaming" if args.streaming else "offline",
+              "parameters": ondevice.extractor_parameters(model),
+              "bytes": exported.stat().st_size,
+              "max_abs_diff_to_pytorch": parity(model, exported, args.format, args.streaming)}
+    if args.streaming:
+        report["warmup_hops"] = StreamingStep(model).warmup_hops
+    if args.quantize:
+        wavs = ondevice.calibration_audio(args.calibration_dir, args.calibration_files)
+        ondevice.quantize_int8(exported, args.output, wavs)
+        report.update(int8_report(exported, args.output, wavs))
+    for name, value in report.items():
+        print(f"{name:<34} {value}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

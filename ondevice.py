@@ -1,0 +1,241 @@
+"""On-device forms of a wav2vec model: ONNX and TorchScript graphs (offline or streaming), int8 quantization,
+and the drivers that run them. export.py and bench.py stand on this module.
+
+Offline graph: wav (B, L) -> z (B, C, T), c (B, C, T), any B and L (at least the receptive field).
+Streaming graph (model.StreamingStep, norm="layer" models only): inputs `hop` (1, 160) and `state_in_0..N`,
+outputs `z` (1, C, 1), `c` (1, C, 1) and `state_out_0..N`. Start from zeros of the declared state shapes
+(the last state is the int64 hop counter, a scalar), feed each call's state_out back as the next state_in,
+and drop the first `warmup_hops` outputs (in the ONNX metadata; 2 for the presets): hop j then gives frame
+j - warmup_hops of extract_features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data import find_audio_files, load_audio
+from model import StreamingStep, UserError, Wav2Vec
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is an ONNX op from 17 on
+
+
+class OfflineExtractor(nn.Module):
+    """wav (B, L) -> (z, c): extract_features without its input checks, as one traceable graph."""
+
+    def __init__(self, model: Wav2Vec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.model.encoder(wav)
+        return z, self.model.context(z)
+
+
+def extractor_parameters(model: Wav2Vec) -> int:
+    """Parameters of what is exported: encoder and context network (the prediction head trains only)."""
+    return sum(p.numel() for part in (model.encoder, model.context) for p in part.parameters())
+
+
+def graph_form(model: Wav2Vec, streaming: bool) -> tuple[nn.Module, tuple, list[str], list[str]]:
+    """(module, example inputs, input names, output names) of the offline or the streaming graph."""
+    model = model.eval()
+    if not streaming:
+        return OfflineExtractor(model), (torch.zeros(1, 16000),), ["wav"], ["z", "c"]
+    step = StreamingStep(model).eval()
+    state = step.initial_state()
+    names = range(len(state))
+    return (step, (torch.zeros(1, model.config.stride), *state), ["hop", *(f"state_in_{i}" for i in names)],
+            ["z", "c", *(f"state_out_{i}" for i in names)])
+
+
+def graph_metadata(model: Wav2Vec, streaming: bool) -> dict[str, str]:
+    """What a runtime needs beside the graph: the form, stride, warm-up hops and the model config."""
+    meta = {"form": "streaming" if streaming else "offline", "stride": str(model.config.stride),
+            "receptive_field": str(model.receptive_field), "config": json.dumps(model.config.to_dict())}
+    if streaming:
+        meta["warmup_hops"] = str(StreamingStep(model).warmup_hops)
+    return meta
+
+
+def export_onnx(model: Wav2Vec, path: Path, streaming: bool = False, dynamo: bool = False) -> None:
+    """Write the offline (dynamic batch and length) or streaming graph of `model` as ONNX to `path`."""
+    module, example, inputs, outputs = graph_form(model, streaming)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated but exports this model in seconds where the dynamo one
+        # takes minutes; its tracer warns about Python ints from shapes, which are fixed by design here.
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {"wav": {0: torch.export.Dim("batch"),
+                            1: torch.export.Dim("samples", min=model.receptive_field)}}
+            torch.onnx.export(module, example, dynamo=True, input_names=inputs, output_names=outputs,
+                              dynamic_shapes=None if streaming else dims).save(str(path))
+        else:
+            axes = {"wav": {0: "batch", 1: "samples"}, "z": {0: "batch", 2: "frames"},
+                    "c": {0: "batch", 2: "frames"}}
+            torch.onnx.export(module, example, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=None if streaming else axes, opset_version=OPSET, dynamo=False)
+    write_onnx_metadata(path, graph_metadata(model, streaming))
+
+
+def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Store `metadata` in the file and shorten its internal names (see compact_names)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    compact_names(model.graph)
+    onnx.helper.set_model_props(model, metadata)
+    onnx.save(model, str(path))
+
+
+def compact_names(graph) -> None:
+    """Rename internal tensors and nodes t0, t1, ... and n0, n1, ...; drop the inferable value_info.
+    The exporters' names (`/context/layers.0/Constant_3_output_0`, `..._quantized_scale`) took 77 KB of a
+    283 KB int8 tiny model; the graph's inputs and outputs keep theirs."""
+    public = {value.name for value in (*graph.input, *graph.output)}
+    short: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        return name if not name or name in public else short.setdefault(name, f"t{len(short)}")
+
+    for tensor in graph.initializer:
+        tensor.name = rename(tensor.name)
+    for i, node in enumerate(graph.node):
+        node.input[:] = [rename(name) for name in node.input]
+        node.output[:] = [rename(name) for name in node.output]
+        node.name, node.doc_string = f"n{i}", ""
+    del graph.value_info[:]
+
+
+def export_torchscript(model: Wav2Vec, path: Path, streaming: bool = False) -> None:
+    """Write the offline or streaming graph as a traced TorchScript module (torch.jit.load reads it)."""
+    module, example, _, _ = graph_form(model, streaming)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about shape ints, fixed by design here
+        traced = torch.jit.trace(module, example)
+    metadata = json.dumps(graph_metadata(model, streaming))
+    torch.jit.save(traced, str(path), _extra_files={"metadata.json": metadata})
+
+
+# ----- running ONNX graphs ------------------------------------------------------------------------
+
+def onnx_session(path: Path, threads: int = 1):
+    """An ONNX Runtime CPU session on `threads` intra-op threads (one by default: the device case)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3  # no warnings about unused initializers on quantized graphs
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_offline(session, wav: np.ndarray) -> dict[str, np.ndarray]:
+    """wav (L,) or (B, L) through an offline graph -> {"z": (B, C, T), "c": (B, C, T)}."""
+    wav = np.ascontiguousarray(np.atleast_2d(wav), dtype=np.float32)
+    z, c = session.run(["z", "c"], {"wav": wav})
+    return {"z": z, "c": c}
+
+
+class OnnxStreamer:
+    """Drives a streaming graph: keeps its state between hops, drops the warm-up outputs."""
+
+    def __init__(self, session):
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get("form") != "streaming":
+            raise UserError("This ONNX file is not a streaming graph: export it with --streaming.")
+        self.session, self.stride, self.warmup_hops = session, int(meta["stride"]), int(meta["warmup_hops"])
+        types = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+        self.state = {i.name: np.zeros(i.shape, types[i.type])
+                      for i in session.get_inputs() if i.name != "hop"}
+        self.hops = 0
+
+    def step(self, hop: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """hop (stride,) -> (z (1, C, 1), c (1, C, 1)), or None during the warm-up."""
+        outputs = self.session.run(None, self.inputs(hop))
+        self.state = dict(zip(self.state, outputs[2:], strict=True))
+        self.hops += 1
+        return None if self.hops <= self.warmup_hops else (outputs[0], outputs[1])
+
+    def inputs(self, hop: np.ndarray) -> dict[str, np.ndarray]:
+        """The feed of the next step: what calibration records."""
+        return {"hop": hop.reshape(1, -1).astype(np.float32, copy=False), **self.state}
+
+    def frames(self, wav: np.ndarray) -> dict[str, np.ndarray]:
+        """Every frame that the whole hops of wav (L,) complete, {"z": (1, C, T), "c": (1, C, T)}."""
+        out = [self.step(wav[i:i + self.stride]) for i in range(0, len(wav) - self.stride + 1, self.stride)]
+        out = [frame for frame in out if frame is not None]
+        return {"z": np.concatenate([z for z, _ in out], 2), "c": np.concatenate([c for _, c in out], 2)}
+
+
+# ----- int8 -----------------------------------------------------------------------------------------
+
+def calibration_audio(folder: Path, max_files: int = 32, seconds: float = 3.0) -> list[np.ndarray]:
+    """Up to `max_files` waveforms (16 kHz, at most `seconds` each) spread evenly over a folder's audio."""
+    files = find_audio_files(folder)
+    if not files:
+        raise UserError(f"No audio files under {folder}: give --calibration-dir a folder of speech like the "
+                        "audio the model will see.")
+    spread = np.linspace(0, len(files) - 1, min(max_files, len(files))).round().astype(int)
+    chosen = [files[i] for i in spread]
+    return [load_audio(path, num_samples=None)[:int(seconds * 16000)] for path in dict.fromkeys(chosen)]
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray],
+                  max_hops: int = 2000) -> None:
+    """ONNX Runtime static quantization (QDQ): per-channel int8 Conv weights, uint8 activations calibrated
+    on `calibration` waveforms (L,); other ops (LayerNorm, the state plumbing) stay float."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    session = onnx_session(fp32_path)
+    form = session.get_modelmeta().custom_metadata_map
+    if form.get("form") == "streaming":  # calibrate on the states a real stream goes through
+        feeds = []
+        for wav in calibration:
+            streamer = OnnxStreamer(session)
+            for start in range(0, len(wav) - streamer.stride + 1, streamer.stride):
+                feeds.append(streamer.inputs(wav[start:start + streamer.stride]))
+                streamer.step(wav[start:start + streamer.stride])
+        feeds = feeds[:: max(1, len(feeds) // max_hops)]
+    else:
+        feeds = [{"wav": wav[None].astype(np.float32)} for wav in calibration
+                 if len(wav) >= int(form["receptive_field"])]
+    if not feeds:
+        raise UserError("The calibration audio is shorter than one frame: give longer files.")
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.rest = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.rest, None)
+
+    quantize_static(str(fp32_path), str(int8_path), Feeds(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    op_types_to_quantize=["Conv"], nodes_to_exclude=[first_convolution(fp32_path)])
+    write_onnx_metadata(int8_path, form)
+
+
+def first_convolution(path: Path) -> str:
+    """The name of the convolution on the raw waveform (nodes are stored in topological order): it stays
+    float, because 8-bit audio loses quiet speech that per-frame LayerNorm then scales up (cosine to fp32
+    0.90 with it quantized, 0.99 without, z of a random tiny model)."""
+    import onnx
+
+    return next(node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv")
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-frame cosine similarity of two (..., C, T) feature arrays, flattened over frames."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=-2) * np.linalg.norm(b, axis=-2)
+    cosine = (a * b).sum(-2) / np.maximum(norms, 1e-30)
+    both_zero = (np.abs(a).max(-2) == 0) & (np.abs(b).max(-2) == 0)  # silence after a ReLU: identical
+    return np.where(both_zero, 1.0, cosine).ravel()

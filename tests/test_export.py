@@ -1,0 +1,107 @@
+"""export.py and ondevice.py: ONNX and TorchScript equal PyTorch, offline and streaming; int8 stays close."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import export
+import ondevice
+from data import make_demo_corpus
+from model import StreamingStep, UserError, Wav2Vec, Wav2VecConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> Wav2Vec:
+    torch.manual_seed(0)
+    return Wav2Vec(Wav2VecConfig.preset("wav2vec_tiny", channels=8, log_compression=True)).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def streaming_onnx(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "step.onnx"
+    ondevice.export_onnx(model, path, streaming=True)
+    return path
+
+
+def offline(model: Wav2Vec, wav: np.ndarray) -> dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in model.extract_features(torch.from_numpy(wav)).items()}
+
+
+def test_onnx_offline_graph_equals_pytorch_for_any_length(model, tmp_path):
+    path = tmp_path / "offline.onnx"
+    ondevice.export_onnx(model, path)
+    session = ondevice.onnx_session(path)
+    for length in (465, 1234, 8000):
+        wav = np.random.default_rng(length).standard_normal((2, length)).astype(np.float32)
+        got, want = ondevice.onnx_offline(session, wav), offline(model, wav)
+        for key in ("z", "c"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_streaming_graph_carries_its_state_and_gives_offline_frames(model, streaming_onnx):
+    wav = np.random.default_rng(0).standard_normal(4000).astype(np.float32)
+    streamer = ondevice.OnnxStreamer(ondevice.onnx_session(streaming_onnx))
+    got = streamer.frames(wav)
+    assert streamer.state["state_in_14"] == 4000 // 160  # the hop counter came back out and in each call
+    frames = got["z"].shape[-1]
+    assert frames == model.num_frames(4000 // 160 * 160)
+    want = offline(model, wav)
+    for key in ("z", "c"):
+        np.testing.assert_allclose(got[key], want[key][..., :frames], rtol=1e-4, atol=1e-5)
+
+
+def test_a_fresh_state_forgets_the_audio_before(model, streaming_onnx):
+    # The same hop, after different histories, gives different frames: the output depends on the state fed in.
+    session = ondevice.onnx_session(streaming_onnx)
+    rng = np.random.default_rng(1)
+    first, second = (ondevice.OnnxStreamer(session) for _ in range(2))
+    for _ in range(3):
+        first.step(rng.standard_normal(160).astype(np.float32))
+        second.step(rng.standard_normal(160).astype(np.float32))
+    hop = rng.standard_normal(160).astype(np.float32)
+    assert not np.allclose(first.step(hop)[1], second.step(hop)[1])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_torchscript_round_trip_equals_pytorch(model, tmp_path, streaming):
+    path = tmp_path / "model.pt"
+    ondevice.export_torchscript(model, path, streaming=streaming)
+    assert export.parity(model, path, "torchscript", streaming, stream_seconds=0.3) < 1e-5  # 28 frames
+
+
+def test_int8_export_stores_int8_weights_and_its_features_stay_within_cosine_0_98(checkpoint, tmp_path):
+    make_demo_corpus(tmp_path / "calibration", num_speakers=1, files_per_speaker=4, seconds_per_file=1.0)
+    report = export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--quantize", "int8",
+                          "--calibration-dir", str(tmp_path / "calibration"),
+                          "--output", str(tmp_path / "tiny.int8.onnx")])
+    assert (tmp_path / "tiny.int8.fp32.onnx").is_file()
+    weights = onnx.load(str(tmp_path / "tiny.int8.onnx")).graph.initializer
+    int8_kernels = [w for w in weights if w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 3]
+    assert len(int8_kernels) == 4 + 9  # every convolution but the first, which sees the raw waveform
+    assert report["cosine_z_mean"] >= 0.98 and report["cosine_c_mean"] >= 0.98
+
+
+def test_an_offline_graph_cannot_be_driven_as_a_stream(model, tmp_path):
+    path = tmp_path / "offline.onnx"
+    ondevice.export_onnx(model, path)
+    with pytest.raises(UserError, match="--streaming"):
+        ondevice.OnnxStreamer(ondevice.onnx_session(path))
+
+
+def test_int8_without_calibration_audio_is_refused(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--checkpoint", str(checkpoint), "--quantize", "int8", "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "--calibration-dir" in capsys.readouterr().err
+
+
+def test_the_streaming_step_starts_the_context_network_after_its_warmup(model):
+    assert StreamingStep(model).warmup_hops == 2  # frame 0 ends at sample 465: complete in the third hop
