@@ -4,7 +4,8 @@ Any folder of .wav .flac .mp3 .ogg .m4a (searched recursively) becomes fixed-len
 crops, wav (B, L). Crops live on the 16 kHz timeline whatever the native rate, so the on-the-fly dataset
 (a seek + partial read of each file) and the packed one (slices of one int16 memmap) give the same samples
 for the same key. Unreadable files are logged once with a reason, counted and skipped, at scan time and at
-read time; training never stops for one bad file.
+read time (as are files with NaN or infinite samples, which float WAV can hold); training never stops for
+one bad file.
 
 Decoding: libsndfile (soundfile) for WAV, FLAC, OGG and, from libsndfile 1.1 on, MP3; PyAV (FFmpeg) for
 M4A/AAC and for any file libsndfile rejects. Resampling: scipy.signal.resample_poly at the reduced ratio.
@@ -57,6 +58,8 @@ RESAMPLE_HALF_WIDTH = 10
 GAIN_DB = (-6.0, 6.0)
 NOISE_SNR_DB = (10.0, 40.0)
 MAX_SHIFT_SECONDS = 0.1
+# The share of a corpus that the --segment-length suggested for files shorter than one crop keeps whole.
+KEEP_WHOLE = 0.9
 
 
 # ----- decoding -----------------------------------------------------------------------------------
@@ -216,6 +219,9 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, offset: int = 0
         mono = reader.read(begin, end).mean(axis=1)  # mixing before resampling: fewer samples, same result
     finally:
         reader.close()
+    bad = np.count_nonzero(~np.isfinite(mono))  # only float formats can hold them; one poisons every update
+    if bad:
+        raise AudioReadError(path, f"it holds NaN or infinite samples ({bad} of the {len(mono)} read)")
     wav = mono if up == down or not len(mono) else resample_poly(mono, up, down, window=_lowpass(up, down))
     first = offset - begin * up // down
     wav = wav[first:stop - begin * up // down].astype(np.float32, copy=False)
@@ -417,16 +423,27 @@ class _CropDataset(Dataset):
         if not self.names:
             raise UserError("No audio files to take crops from (is this split empty?).")
         short = self.lengths < segment_length
-        if short.any():
-            log = logger.info if pad_short else logger.warning
-            log("%d of %d files are shorter than one crop (%d samples, %.2f s): %s.", short.sum(), len(short),
-                segment_length, segment_length / SAMPLE_RATE, "padded with zeros" if pad_short else "skipped")
+        self.num_short_skipped = 0 if pad_short else int(short.sum())  # make_loader's advice needs it
+        if short.any() and pad_short:
+            logger.info("%d of %d files are shorter than one crop (%d samples, %.2f s): padded with zeros.",
+                        short.sum(), len(short), segment_length, segment_length / SAMPLE_RATE)
+        elif short.any():
+            logger.warning("%d of %d files are shorter than one crop (%d samples, %.2f s): skipped; %s.",
+                           short.sum(), len(short), segment_length, segment_length / SAMPLE_RATE,
+                           self.short_file_advice())
         self._usable = np.arange(len(self.names)) if pad_short else np.flatnonzero(~short)
         if not len(self._usable):
             raise UserError(f"All {len(self.names)} files are shorter than one crop of {segment_length} "
-                            "samples: lower --segment-length or pad short files.")
+                            f"samples (the longest has {self.lengths.max()}): {self.short_file_advice()}.")
         # Shared memory: a file that fails in one DataLoader worker is skipped (and logged) by all of them.
         self._failed = torch.zeros(len(self._usable), dtype=torch.bool).share_memory_()
+
+    def short_file_advice(self) -> str:
+        """The flags that keep files shorter than one crop, with the numbers for this corpus."""
+        # A length at least KEEP_WHOLE of the files reach ("lower": one of the lengths, not interpolated).
+        keeps = int(np.quantile(self.lengths, 1 - KEEP_WHOLE, method="lower"))
+        return (f"--pad-short keeps them (zero-padded), or --segment-length {keeps} keeps "
+                f"{100 * KEEP_WHOLE:.0f}% of the files whole")
 
     def _read(self, item: int, start: int, length: int) -> np.ndarray:
         """Samples [start, start + length) of item `item` at 16 kHz, float32, zero-padded past its end."""
@@ -631,12 +648,23 @@ def collate_crops(crops: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(crops))
 
 
+def default_num_workers() -> int:
+    """Loader workers this machine has room for: the CPUs this process may use (its affinity, which
+    containers and taskset narrow), less one for the training process itself, at most 4. Asking for more
+    makes PyTorch warn that the loader might freeze."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, available - 1)
+
+
 def make_loader(dataset: _CropDataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0,
                 pin_memory: bool = False, seed: int = 0) -> DataLoader:
     """Batches wav (B, segment_length). Training drops the last partial batch; validation keeps every file."""
     if dataset.train and sampler.keys_per_epoch < batch_size:
+        remedy = (f"{dataset.num_short_skipped} files were skipped as shorter than one crop: "
+                  f"{dataset.short_file_advice()}" if dataset.num_short_skipped
+                  else "lower --batch-size or add audio")
         raise UserError(f"{sampler.keys_per_epoch} training crops per epoch are fewer than one batch of "
-                        f"{batch_size}: lower --batch-size or add audio.")
+                        f"{batch_size}; {remedy}.")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_crops,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=dataset.train,
                       worker_init_fn=partial(_init_worker, seed=seed, rank=sampler.rank),

@@ -27,7 +27,15 @@ import numpy as np
 from data import find_audio_files
 from features import LAYERS, POOLINGS, SAMPLE_RATE, file_frames, model_features, pool
 from model import UserError, Wav2Vec
-from utils import resolve_device, run_cli, setup_logging
+from utils import (
+    add_threads_argument,
+    ensure_writable_dir,
+    ensure_writable_file,
+    resolve_device,
+    run_cli,
+    set_threads,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compute.add_argument("--chunk-seconds", type=float, default=60.0,
                          help="most audio through the model at once; longer files are chunked "
                               "(exact for norm=layer models, approximate GroupNorm statistics otherwise)")
+    add_threads_argument(compute)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.chunk_seconds <= 0:
         raise UserError("--batch-size and --chunk-seconds must be positive.")
+    if args.output.suffix == ".npy":
+        raise UserError(f"--output {args.output} names one .npy file, but every audio file gets its own: "
+                        f"give a folder (--output {args.output.with_suffix('')}) or one archive "
+                        f"(--output {args.output.with_suffix('.npz')}).")
     return args
 
 
@@ -70,7 +83,6 @@ def npy_paths(files: list[Path], data_dir: Path, output: Path) -> list[Path]:
 
 def save_npz(output: Path, names: list[str], arrays: list[np.ndarray], how: str) -> None:
     """One archive: pooled vectors stacked (N, D), or frames concatenated along time (C, sum T) + lengths."""
-    output.parent.mkdir(parents=True, exist_ok=True)
     if how == "none":
         np.savez(output, files=np.array(names), features=np.concatenate(arrays, axis=1),
                  lengths=np.array([a.shape[1] for a in arrays]))
@@ -81,11 +93,16 @@ def save_npz(output: Path, names: list[str], arrays: list[np.ndarray], how: str)
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
+    set_threads(args.threads)
     files = find_audio_files(args.data_dir)
     if not files:
         raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
     to_npz = args.output.suffix == ".npz"
     targets = {} if to_npz else dict(zip(files, npy_paths(files, args.data_dir, args.output), strict=True))
+    if to_npz:
+        ensure_writable_file(args.output, "--output")
+    else:
+        ensure_writable_dir(args.output, "--output")
 
     device = resolve_device(args.device)
     model = Wav2Vec.from_pretrained(args.checkpoint, map_location=device)

@@ -20,6 +20,7 @@ The convolutions therefore see exactly the samples they see in the whole file:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -91,27 +92,32 @@ def chunked_features(model: Wav2Vec, wav: np.ndarray, layer: str = "c",
     return np.concatenate(parts, axis=1)
 
 
+def equal_length_batches(lengths: Sequence[int], max_samples: int) -> list[list[int]]:
+    """Indices grouped into batches of equal length and at most max_samples of audio (one file at least):
+    only equal lengths share a forward pass, as padding would change GroupNorm statistics."""
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(i)
+    batches = []
+    for length, indices in by_length.items():
+        per_batch = max(1, max_samples // max(length, 1))
+        batches += [indices[begin:begin + per_batch] for begin in range(0, len(indices), per_batch)]
+    return batches
+
+
 def model_features(model: Wav2Vec, wavs: Sequence[np.ndarray], layer: str = "c",
                    chunk_samples: int = 60 * SAMPLE_RATE) -> list[np.ndarray]:
     """Frames (C, T) for each waveform (L,); equal-length waveforms share a batch of at most chunk_samples."""
     if layer not in LAYERS:
         raise UserError(f"--layer must be one of {LAYERS}, not {layer!r}.")
     out: list[np.ndarray | None] = [None] * len(wavs)
-    by_length: dict[int, list[int]] = {}
-    for i, wav in enumerate(wavs):
-        by_length.setdefault(len(wav), []).append(i)
-    for length, indices in by_length.items():
-        # Only equal lengths are batched: padding would change GroupNorm statistics.
-        per_batch = max(1, chunk_samples // max(length, 1))
-        if per_batch == 1:
-            for i in indices:
-                out[i] = chunked_features(model, wavs[i], layer, chunk_samples)
+    for batch in equal_length_batches([len(wav) for wav in wavs], chunk_samples):
+        if len(batch) == 1:  # whole when it fits, in chunks when it is longer
+            out[batch[0]] = chunked_features(model, wavs[batch[0]], layer, chunk_samples)
             continue
-        for begin in range(0, len(indices), per_batch):
-            batch = indices[begin:begin + per_batch]
-            feats = _run(model, np.stack([wavs[i] for i in batch]), layer)
-            for i, frames in zip(batch, feats, strict=True):
-                out[i] = frames
+        feats = _run(model, np.stack([wavs[i] for i in batch]), layer)
+        for i, frames in zip(batch, feats, strict=True):
+            out[i] = frames
     return out
 
 
@@ -193,6 +199,33 @@ def file_frames(files: Sequence[Path], frames_of: FramesOf, min_samples: int, ba
             progress.update(len(files[begin:begin + batch_size]))
     if not used:
         raise UserError(f"None of the {len(files)} audio files is readable and at least one frame long.")
+
+
+# ----- per-frame labels --------------------------------------------------------------------------
+# A corpus may label every 10 ms: <name>.frames.npy beside <name>.wav holds one label id per frame, label t
+# covering samples [160 t, 160 t + 160) (data.make_demo_corpus writes them), and frame_labels.json in the
+# data folder may name the ids.
+
+FRAME_HOP = 160  # samples per 10 ms: the hop of wav2vec and MFCC frames and the span of one frame label
+
+
+def frame_label_path(audio: Path) -> Path:
+    """Where the per-frame labels of an audio file live: a.wav -> a.frames.npy."""
+    return audio.with_suffix(".frames.npy")
+
+
+def labels_at_centres(frame_labels: np.ndarray, num_frames: int, window: int) -> np.ndarray:
+    """(T,) label of feature frame t, which covers samples [160 t, 160 t + window): the one at its centre."""
+    centres = FRAME_HOP * np.arange(num_frames) + window // 2
+    return frame_labels[np.minimum(centres // FRAME_HOP, len(frame_labels) - 1)]
+
+
+def frame_label_names(data_dir: Path) -> list[str] | None:
+    """The name of each frame label id from data_dir/frame_labels.json ({"names": [...]}), if there is one."""
+    try:
+        return [str(name) for name in json.loads((data_dir / "frame_labels.json").read_text())["names"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def pool(frames: np.ndarray, how: str) -> np.ndarray:

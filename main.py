@@ -46,6 +46,7 @@ from data import (
     EpochSampler,
     PackedCropDataset,
     build_manifest,
+    default_num_workers,
     make_demo_corpus,
     make_loader,
     prepare_packed_corpus,
@@ -57,6 +58,7 @@ from utils import (
     Distributed,
     MetricSums,
     StopRequest,
+    add_threads_argument,
     any_rank,
     autocast_context,
     build_optimizer,
@@ -65,11 +67,16 @@ from utils import (
     derived_seed,
     ensure_writable_dir,
     fast_precision,
+    fraction,
     load_training_checkpoint,
     lr_lambda,
     main_process_first,
     make_grad_scaler,
+    non_negative_float,
+    non_negative_int,
     optimizer_step,
+    positive_float,
+    positive_int,
     prune_numbered_checkpoints,
     resolve_device,
     restore_rng_state,
@@ -99,27 +106,6 @@ FIXED_FLAGS = ("model", "channels", "skip_connections", "num_steps", "num_negati
 
 
 # ----- command line -------------------------------------------------------------------------------
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
-    return value
-
 
 def offset_type(text: str) -> int | str:
     return "auto" if text == "auto" else non_negative_int(text)
@@ -154,14 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the model's rate; audio at other rates is resampled to it: only 16000 is valid")
     data.add_argument("--segment-length", type=positive_int, default=32000,
                       help="crop length in samples (32000 = 2 s at 16 kHz)")
-    data.add_argument("--valid-fraction", type=float, default=0.05,
+    data.add_argument("--valid-fraction", type=fraction, default=0.05,
                       help="share of the files held out for validation (chosen by a hash of the path)")
     data.add_argument("--use-transforms", action="store_true",
                       help="augment training crops: random time shift, gain and additive noise")
     data.add_argument("--pad-short", action="store_true",
                       help="zero-pad files shorter than one crop instead of skipping them")
-    data.add_argument("--num-workers", type=non_negative_int, default=4,
-                      help="DataLoader worker processes per training process (0: load in the main process)")
+    data.add_argument("--num-workers", type=non_negative_int, default=default_num_workers(),
+                      help="DataLoader worker processes per training process (0: load in the main process; "
+                           "default: the CPUs available less one, at most 4)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
@@ -198,17 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--batch-size", type=positive_int, default=8, help="crops per micro-batch and process")
     optim.add_argument("--accumulate-steps", type=positive_int, default=1,
                        help="micro-batches per update: the same update as one batch this many times larger")
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (0.9, 0.999)")
+    optim.add_argument("--lr", type=positive_float, default=1e-3,
+                       help="peak learning rate of AdamW (0.9, 0.999)")
     optim.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
                        help="after the warm-up: cosine down to --min-lr at --max-updates, or at the end of "
                             "--epochs without it (fairseq's recipe), or constant (the seed's)")
     optim.add_argument("--warmup-updates", type=non_negative_int, default=50,
                        help="linear warm-up of the learning rate from about 0 over this many updates; "
                             "without it our 512-channel InfoNCE run at lr 1e-3 collapsed within 40 updates")
-    optim.add_argument("--min-lr", type=float, default=1e-6, help="where the cosine schedule ends")
-    optim.add_argument("--weight-decay", type=float, default=0.0,
+    optim.add_argument("--min-lr", type=non_negative_float, default=1e-6,
+                       help="where the cosine schedule ends (at most --lr)")
+    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0,
                        help="decoupled weight decay on conv and projection weights (not norms, biases)")
-    optim.add_argument("--clip-norm", type=float, default=5.0,
+    optim.add_argument("--clip-norm", type=non_negative_float, default=5.0,
                        help="clip the global gradient norm to this (0: no clipping)")
     optim.add_argument("--seed", type=non_negative_int, default=0,
                        help="seeds the initial weights, data order, crops and distractors")
@@ -222,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the model (slow start, faster steps)")
     speed.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    speed.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads per process (default: PyTorch's, one per core); 1 is faster on a "
-                            "CPU that other jobs share")
+    add_threads_argument(speed)
 
     checkpoints = parser.add_argument_group("checkpoints & logging")
     checkpoints.add_argument("--output-dir", default="checkpoints",
@@ -261,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sample_rate != SAMPLE_RATE:
         raise UserError(f"--sample-rate must be {SAMPLE_RATE}: wav2vec works on 16 kHz audio and files at "
                         "other rates are resampled to it automatically.")
+    check_flags(args)
     return args
 
 
@@ -286,6 +274,45 @@ def with_stored_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
 def flag_text(key: str, value: object) -> str:
     """A flag and its value as on the command line: --channels 64."""
     return f"--{key.replace('_', '-')} {value}"
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse, before any work, flags that are valid alone but not together (single values are checked by
+    their argparse types): each refusal names the flag and the value that works."""
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would climb; give a "
+                        "--min-lr of at most --lr.")
+    config = build_config(args)
+    # The objective scores c(t) against z(t + offset + k - 1), k = 1..K, inside one crop.
+    offset, steps = config.resolved_offset, config.prediction_steps
+    fewest = max(2, offset + 1)  # a target frame at the offset, and another frame to be its distractor
+    if args.segment_length < crop_samples(config, fewest):
+        raise UserError(f"--segment-length {args.segment_length} is shorter than the smallest crop this "
+                        f"model learns from: {crop_samples(config, fewest)} samples (its receptive field of "
+                        f"{config.receptive_field} and {fewest - 1} more frames of {config.stride}, as the "
+                        f"prediction offset is {offset}); raise --segment-length.")
+    frames = (args.segment_length - config.receptive_field) // config.stride + 1
+    if offset + steps > frames:
+        raise UserError(f"--num-steps {steps} predicts up to frame t + {offset + steps - 1}, but a crop of "
+                        f"{args.segment_length} samples has only {frames} frames: raise --segment-length to "
+                        f"{crop_samples(config, offset + steps)} or lower --num-steps to {frames - offset}.")
+
+
+def flag_warnings(args: argparse.Namespace) -> list[str]:
+    """Flags that work together but probably not as meant (a short smoke test may want them): warned of."""
+    warnings = []
+    if args.max_updates is not None and args.warmup_updates > args.max_updates:
+        peak = args.lr * lr_lambda(args.lr_schedule, args.warmup_updates, args.max_updates, 1.0)(
+            args.max_updates - 1)
+        warnings.append(f"--warmup-updates {args.warmup_updates} is longer than --max-updates "
+                        f"{args.max_updates}: the learning rate stops at {peak:.2g}, below --lr {args.lr:g}; "
+                        "lower --warmup-updates for the whole schedule.")
+    return warnings
+
+
+def crop_samples(config: Wav2VecConfig, frames: int) -> int:
+    """The shortest crop in samples from which the encoder makes `frames` frames of z."""
+    return config.receptive_field + (frames - 1) * config.stride
 
 
 def build_config(args: argparse.Namespace) -> Wav2VecConfig:
@@ -700,6 +727,8 @@ def prepare_output_dir(args: argparse.Namespace, ddp: Distributed) -> Path:
 def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     """Data, model, optimizer, schedule and loss scale, restored from latest.pt with --resume."""
     out = prepare_output_dir(args, ddp)
+    for warning in flag_warnings(args) if ddp.is_main else []:
+        log.warning(warning)
     if args.threads:
         torch.set_num_threads(args.threads)
     if ddp.device.type == "cuda":

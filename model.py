@@ -1,7 +1,7 @@
 """wav2vec 1.0 (Schneider et al. 2019): encoder, causal context network and contrastive objective.
 
 Shapes are channels-first: waveform wav (B, L) at 16 kHz, features z and c (B, C, T), one frame per
-10 ms. See ../shared/docs/DESIGN.md for where the paper and fairseq differ and what we chose.
+10 ms. See docs/DESIGN.md for where the paper and fairseq differ and what we chose.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LayerSpec = tuple[int, int, int]  # (channels, kernel, stride)
 
@@ -369,8 +373,10 @@ class Wav2Vec(nn.Module):
         return self.objective(z, c, negatives, cross_negatives)
 
     @torch.no_grad()
-    def extract_features(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
-        """wav (B, L) or (L,) -> {"z": (B, C, T), "c": (B, C, T)}; no gradients, no loss work."""
+    def extract_features(self, wav: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """wav (B, L) or (L,), a tensor or a numpy array -> {"z": (B, C, T), "c": (B, C, T)}; no gradients,
+        no loss work."""
+        wav = torch.as_tensor(wav)
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)
         if wav.dim() != 2:

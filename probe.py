@@ -6,9 +6,11 @@
 
 Features are pooled over each file (or, with --frame-level, kept per 10 ms frame), standardised, and
 fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
-- --features: `mfcc` (13 MFCCs + deltas, 25 ms window every 10 ms), `random` (the base wav2vec config,
-  randomly initialised with --seed), the path of a checkpoint (ours or fairseq's), or an offline ONNX
-  graph written by export.py (`.onnx`, fp32 or int8, run by ONNX Runtime).
+- --features: `mfcc` (13 MFCCs + deltas, 25 ms window every 10 ms), `random:CKPT` (a network of the
+  checkpoint's own configuration, randomly initialised with --seed: the baseline to compare CKPT with),
+  `random` (the same for the base wav2vec configuration, 512 channels), the path of a checkpoint (ours
+  or fairseq's), or an offline ONNX graph written by export.py (`.onnx`, fp32 or int8, run by ONNX
+  Runtime). The JSON records the configuration of the network used.
 - --labels: a TSV whose header has `path` (relative to --data-dir) and `label`; `folder` (each file's
   sub-folder); `pattern:REGEX` (a regular expression matching the whole file name, with a named group
   `label`); `fsdd-digit` / `fsdd-speaker` (FSDD names `{digit}_{speaker}_{index}.wav`). Files without a
@@ -45,10 +47,30 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from data import find_audio_files
-from features import LAYERS, MFCC_WINDOW, FramesOf, file_frames, mfcc, model_features, pool
-from model import UserError, Wav2Vec, Wav2VecConfig
+from features import (
+    LAYERS,
+    MFCC_WINDOW,
+    FramesOf,
+    file_frames,
+    frame_label_path,
+    labels_at_centres,
+    mfcc,
+    model_features,
+    pool,
+)
+from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights
 from ondevice import onnx_offline, onnx_session
-from utils import FSDD_PATTERN, labels_for_files, resolve_device, run_cli, setup_logging
+from utils import (
+    FSDD_PATTERN,
+    add_threads_argument,
+    ensure_writable_dir,
+    ensure_writable_file,
+    labels_for_files,
+    resolve_device,
+    run_cli,
+    set_threads,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +78,6 @@ log = logging.getLogger(__name__)
 FSDD_SOURCE = f"pattern:{FSDD_PATTERN}"
 SHORTCUTS = {"fsdd-digit": (FSDD_SOURCE, "digit"), "fsdd-speaker": (FSDD_SOURCE, "speaker")}
 FSDD_TEST_REPETITIONS = 5  # official split: repetitions 0-4 test, 5-49 train
-FRAME_HOP = 160  # samples per 10 ms: the hop of wav2vec and MFCC frames and the span of one frame label
 
 
 @dataclass
@@ -83,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="with --frame-level, frames kept in all (drawn evenly over files, for speed)")
     feats = parser.add_argument_group("features")
     feats.add_argument("--features", required=True,
-                       help="mfcc, random, a checkpoint, or an offline graph written by export.py (.onnx)")
+                       help="mfcc, random:CKPT (a random network of CKPT's config), random (of the base "
+                            "config), the path of a checkpoint, or an offline graph written by export.py "
+                            "(.onnx)")
     feats.add_argument("--layer", choices=LAYERS, default="c", help="wav2vec layer: c (default) or z")
     feats.add_argument("--pool", choices=("mean", "mean+std"), default="mean",
                        help="pooling over time of each file's frames (ignored with --frame-level)")
@@ -99,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--seed", type=int, default=0, help="seed of the random network, folds, frames")
     evaluation.add_argument("--json", type=Path, required=True, help="where to write the results")
     evaluation.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    add_threads_argument(evaluation)
     args = parser.parse_args(argv)
     if args.frame_level and (args.labels or args.group_column):
         raise UserError("--frame-level reads labels from the files beside the audio: "
@@ -151,13 +175,29 @@ def fsdd_test_mask(files: list[str], data_dir: Path) -> np.ndarray:
 
 # ----- features -----------------------------------------------------------------------------------
 
+def is_random(spec: str) -> bool:
+    """Whether --features names a randomly initialised network: `random` or `random:CKPT`."""
+    return spec == "random" or spec.startswith("random:")
+
+
+def feature_config(spec: str) -> Wav2VecConfig | None:
+    """The network behind --features: None for MFCCs and exported graphs, the base preset for `random`, the
+    checkpoint's own configuration for `random:CKPT` and a checkpoint path."""
+    if spec == "mfcc" or spec.endswith(".onnx"):
+        return None
+    if spec == "random":
+        return Wav2VecConfig.preset("wav2vec")
+    return load_checkpoint_weights(spec.removeprefix("random:"))[0]
+
+
 def featurizer(spec: str, layer: str, seed: int, device: torch.device) -> tuple[FramesOf, int]:
-    """(waveforms -> frames (C, T), samples one frame covers) for mfcc, random or a checkpoint path."""
+    """(waveforms -> frames (C, T), samples one frame covers) for mfcc, random[:CKPT], a checkpoint path or an
+    exported .onnx graph."""
     if spec == "mfcc":
         return (lambda wavs: [mfcc(w) for w in wavs]), MFCC_WINDOW
-    if spec == "random":
+    if is_random(spec):
         torch.manual_seed(seed)
-        model = Wav2Vec(Wav2VecConfig.preset("wav2vec")).to(device).eval()
+        model = Wav2Vec(feature_config(spec)).to(device).eval()
     elif spec.endswith(".onnx"):  # an offline graph written by export.py (fp32 or int8), run by ONNX Runtime
         session = onnx_session(Path(spec))
         window = int(session.get_modelmeta().custom_metadata_map["receptive_field"])
@@ -167,23 +207,16 @@ def featurizer(spec: str, layer: str, seed: int, device: torch.device) -> tuple[
     return partial(model_features, model, layer=layer), model.receptive_field
 
 
-def labels_at_centres(frame_labels: np.ndarray, num_frames: int, window: int) -> np.ndarray:
-    """(T,) label of feature frame t, which covers samples [160 t, 160 t + window): the one at its centre."""
-    centres = FRAME_HOP * np.arange(num_frames) + window // 2
-    return frame_labels[np.minimum(centres // FRAME_HOP, len(frame_labels) - 1)]
-
-
-def frame_label_path(audio: Path) -> Path:
-    """Where the per-frame labels of an audio file live: a.wav -> a.frames.npy."""
-    return audio.with_suffix(".frames.npy")
-
-
 def feature_key(args: argparse.Namespace, paths: list[Path]) -> str:
     """Names the pooled features of these files under these settings; changed inputs give a new name."""
     def stamp(path: Path) -> str:
         stat = path.stat()
         return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    source = args.features if args.features in ("mfcc", "random") else stamp(Path(args.features))
+    if args.features in ("mfcc", "random"):
+        source = args.features
+    else:  # a checkpoint, or a random network of its configuration
+        checkpoint = args.features.removeprefix("random:")
+        source = args.features.removesuffix(checkpoint) + stamp(Path(checkpoint))
     description = [source, args.layer, args.pool, args.seed, [stamp(path) for path in paths]]
     return hashlib.sha1(json.dumps(description).encode()).hexdigest()[:16]
 
@@ -202,7 +235,6 @@ def pooled_features(args: argparse.Namespace, paths: list[Path]) -> tuple[np.nda
             for path, frames in file_frames(paths, frames_of, window)]
     X, file_index = np.stack([vector for _, vector in rows]), np.array([i for i, _ in rows])
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
         partial_file = cached.with_suffix(".partial.npz")  # renamed when complete: no half-written cache
         np.savez(partial_file, X=X, file_index=file_index)
         partial_file.replace(cached)
@@ -348,8 +380,17 @@ def load_examples(args: argparse.Namespace, selection: Selection) -> Examples:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    ensure_writable_file(args.json, "--json")  # before the work: a result must not be lost at the end
+    if args.cache_dir:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    set_threads(args.threads)
+    config = feature_config(args.features)
     selection = select_files(args)  # before logging starts: a user error is then the first line on stderr
     setup_logging()
+    if args.features == "random":
+        log.info("--features random is the base configuration (%d channels); to compare with a checkpoint, "
+                 "give --features random:CKPT, a random network of the checkpoint's configuration",
+                 config.context_layers[-1][0])
     if selection.skipped:
         log.info("skipping %d files without a label%s", selection.skipped,
                  "" if selection.groups is None else " or group")
@@ -364,9 +405,9 @@ def main(argv: list[str] | None = None) -> None:
                   skipped_files=selection.skipped, evaluation=description,
                   fold_names=[name for name, _, _ in splits], feature_seconds=round(feature_seconds, 2),
                   total_seconds=round(time.perf_counter() - start, 2),
+                  features_config=None if config is None else config.to_dict(),
                   settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     print_table(splits, result)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     log.info("wrote %s", args.json)
 

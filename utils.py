@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import logging
@@ -88,7 +89,12 @@ def labels_for_files(files: Sequence[str], source: str, data_dir: Path,
     if source == "folder":
         return [Path(f).parent.name or None for f in files]
     if source.startswith("pattern:"):
-        regex = re.compile(source[len("pattern:"):])
+        pattern = source[len("pattern:"):]
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"The label pattern '{pattern}' is not a valid regular expression ({err}): "
+                            f"fix it, e.g. pattern:(?P<{column}>\\d+)_.*\\.wav.") from None
         if column not in regex.groupindex:
             raise UserError(f"The label pattern needs a named group (?P<{column}>...).")
         matches = [regex.fullmatch(Path(f).name) for f in files]
@@ -315,17 +321,96 @@ class StopRequest:
         return self.signal_name is not None
 
 
-# ----- training: checkpoints and RNG state --------------------------------------------------------
+# ----- command-line value types (argparse turns their ArgumentTypeError into one usage line) ------------
 
-def ensure_writable_dir(folder: Path) -> None:
-    """Create `folder` and check that a file can be written in it, before any time is spent training."""
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in [0, 1), such as --valid-fraction."""
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {value}")
+    return value
+
+
+# ----- outputs: checked before the work starts -----------------------------------------------------
+
+def ensure_writable_dir(folder: Path, flag: str = "--output-dir") -> None:
+    """Create `folder` and check that a file can be written in it, before any time is spent computing."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
         raise UserError(f"Cannot write to the output folder {folder} ({err.strerror or err}): "
-                        "choose a writable --output-dir.") from None
+                        f"choose a writable {flag}.") from None
+
+
+def ensure_writable_file(path: Path, flag: str) -> None:
+    """Check that the file `path` can be written (its folder created if need be) without creating or changing
+    the file itself, so that a run ends with its result rather than a PermissionError."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give the path of a file.")
+    ensure_writable_dir(path.parent, flag)
+    if path.exists():
+        try:
+            with open(path, "ab"):  # appends nothing: the file stays as it is
+                pass
+        except OSError as err:
+            raise UserError(f"Cannot write to {path} ({err.strerror or err}): "
+                            f"choose a writable {flag}.") from None
+
+
+# ----- CPU threads --------------------------------------------------------------------------------
+
+def add_threads_argument(group: argparse._ArgumentGroup) -> None:
+    """--threads, the same in every entry script."""
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads of PyTorch per process (default: its own, one per core); give 1 "
+                            "on a CPU that other jobs share, where threads that wait for each other are far "
+                            "slower")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads; None leaves PyTorch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ----- training: checkpoints and RNG state --------------------------------------------------------
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:

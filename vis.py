@@ -7,18 +7,22 @@ Writes into --output-dir (default visualizations/):
                                 history in the checkpoint (skipped when it has none, e.g. fairseq's)
     sample_NN_<name>.png        --num-samples files, spread over the list: waveform, log-mel spectrogram,
                                 z and c on one time axis
-    tsne.png, pca.png           2-D maps of frames (a bounded random sample) and of files (mean over time)
+    tsne.png, pca.png           2-D maps of frames (a bounded random sample; coloured by frame label where
+                                the corpus has <name>.frames.npy beside its audio, as the demo corpus does)
+                                and of files (mean over time)
     similarity_heatmap.png      cosine similarity between files, ordered by label
     self_similarity.png         cosine similarity between the frames of one file
     nearest_neighbours.csv/png  the k nearest files of every file, with distances and label agreement
     summary.txt, index.html     one paragraph of numbers, and a page that shows everything
 
-A "batch" is one file: GroupNorm statistics span the whole input, so padding files into a shared batch
-would change their features. --max-batches therefore bounds the number of files embedded; when the folder
-holds more, an evenly spaced selection of the sorted file list is taken, so that every part of a sorted
-corpus (every digit of FSDD, every speaker folder) appears. Each file is cut to its first --max-seconds.
+--max-batches batches of --batch-size files are embedded; when the folder holds more, an evenly spaced
+selection of the sorted file list is taken, so that every part of a sorted corpus (every digit of FSDD,
+every speaker folder) appears. Each file is cut to its first --max-seconds; files of equal length share a
+forward pass, others run alone (GroupNorm statistics span the whole input, so padding would change them).
 Similarities are cosines of the features after subtracting the mean file embedding: features come out of
-a ReLU, so raw cosines all sit near 1 and hide the structure.
+a ReLU, so raw cosines all sit near 1 and hide the structure. The summary's numbers are given twice: for
+the checkpoint and for a randomly initialised network of the same configuration (--seed), the reference
+that says what training added.
 """
 
 from __future__ import annotations
@@ -45,9 +49,26 @@ from sklearn.manifold import TSNE
 from tqdm import tqdm
 
 from data import find_audio_files, load_audio, probe_audio, resampled_length
-from features import LAYERS, SAMPLE_RATE, hz_to_mel, mel_filterbank
+from features import (
+    LAYERS,
+    SAMPLE_RATE,
+    equal_length_batches,
+    frame_label_names,
+    frame_label_path,
+    hz_to_mel,
+    labels_at_centres,
+    mel_filterbank,
+)
 from model import UserError, Wav2Vec, Wav2VecConfig, read_checkpoint
-from utils import labels_for_files, resolve_device, run_cli, setup_logging
+from utils import (
+    add_threads_argument,
+    ensure_writable_dir,
+    labels_for_files,
+    resolve_device,
+    run_cli,
+    set_threads,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +94,8 @@ TSNE_ITERATIONS = 750
 # threads (10 points: 0.1 s instead of 2 s on two busy cores).
 TSNE_EXACT_BELOW = 200
 UNLABELLED = "(no label)"
+MAX_BATCH_SAMPLES = 60 * SAMPLE_RATE  # most audio in one forward pass: bounds memory for long files
+REFERENCE = "a random network of the same configuration"
 DPI = 130
 NN_COLUMNS = ("query", "query_label", "rank", "neighbour", "neighbour_label", "cosine_distance", "same_label")
 
@@ -94,19 +117,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what = parser.add_argument_group("what to embed and draw")
     what.add_argument("--layer", choices=LAYERS, default="c",
                       help="features for the maps, similarities and neighbours: c (context, default) or z")
-    what.add_argument("--max-batches", type=int, default=20,
-                      help="files embedded (one file per batch); more files are thinned evenly")
+    what.add_argument("--max-batches", type=int, default=10,
+                      help="batches of --batch-size files embedded; a folder with more files is thinned "
+                           "evenly (the defaults embed up to 100 files)")
     what.add_argument("--num-samples", type=int, default=10, help="files that get a per-file figure")
     what.add_argument("--max-seconds", type=float, default=30.0, help="each file is cut to this length")
     what.add_argument("--max-frames", type=int, default=3000,
                       help="frames sampled for the frame-level t-SNE and PCA (bounds their time)")
     what.add_argument("--neighbours", type=int, default=5, help="nearest neighbours listed per file")
-    what.add_argument("--seed", type=int, default=0, help="seed of the frame sampling and of t-SNE")
+    what.add_argument("--seed", type=int, default=0,
+                      help="seed of the frame sampling, of t-SNE and of the random reference network")
+    what.add_argument("--random-reference", action=argparse.BooleanOptionalAction, default=True,
+                      help="also embed the files with a randomly initialised network of the checkpoint's "
+                           "configuration, whose numbers the summary gives beside the checkpoint's")
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    compute.add_argument("--batch-size", type=int, default=10,
+                         help="files read at a time; those of equal length share one forward pass")
+    add_threads_argument(compute)
     args = parser.parse_args(argv)
-    if args.max_batches < 2:
-        raise UserError("--max-batches must be at least 2: the similarity figures compare files.")
+    if args.max_batches < 1 or args.batch_size < 1 or args.max_batches * args.batch_size < 2:
+        raise UserError("Give --max-batches and --batch-size of at least 1 and at least 2 files in all "
+                        "(--max-batches x --batch-size): the similarity figures compare files.")
     if args.num_samples < 0 or args.max_seconds <= 0 or args.max_frames < 10 or args.neighbours < 1:
         raise UserError("Give --num-samples >= 0, --max-seconds > 0, --max-frames >= 10, --neighbours >= 1.")
     return args
@@ -171,10 +203,23 @@ class Embeddings:
     utterances: np.ndarray  # (N, C): each file's frames averaged over time
     frames: np.ndarray  # (M, C): at most --max-frames frames drawn from all files
     frame_file: np.ndarray  # (M,): index into names of each sampled frame
+    frame_labels: list[str] | None  # (M,): each sampled frame's own label; None when no file has frame labels
+    reference: np.ndarray | None  # (N, C): the random reference network's per-file means, if it ran
     total_frames: int
     total_seconds: float
     example: np.ndarray  # (C, T): every frame of the first file, for its self-similarity
     skipped: list[str]  # relative paths of the files that could not be embedded
+
+
+@dataclass
+class FileFeatures:
+    """One embedded file: its first --max-seconds at 16 kHz, its full length, and its features (C, T)."""
+
+    wav: np.ndarray  # (L,)
+    duration: float  # seconds, of the whole file
+    z: np.ndarray
+    c: np.ndarray
+    reference: np.ndarray | None  # --layer of the random reference network
 
 
 def read_start(path: Path, max_samples: int) -> tuple[np.ndarray, float]:
@@ -185,54 +230,106 @@ def read_start(path: Path, max_samples: int) -> tuple[np.ndarray, float]:
     return load_audio(path, SAMPLE_RATE, num_samples=min(length, max_samples)), length / SAMPLE_RATE
 
 
-def embed_files(model: Wav2Vec, files: list[Path], names: list[str], labels: list[str | None],
-                args: argparse.Namespace) -> tuple[Embeddings, list[tuple[str, str]]]:
-    """Run the model on every file, one at a time; draw --num-samples of them, spread over the list as the
-    files are; keep their features. Returns the embeddings and each per-file figure's (file name, caption)."""
+def embed_batch(model: Wav2Vec, reference: Wav2Vec | None, paths: list[Path], max_samples: int,
+                layer: str) -> list[FileFeatures | UserError]:
+    """Features of one batch of files, in order; a UserError in place of a file that cannot be embedded
+    (unreadable, or shorter than one frame). Files of equal length share a forward pass."""
+    results: list[FileFeatures | UserError | None] = [None] * len(paths)
+    read = {}
+    for i, path in enumerate(paths):
+        try:
+            read[i] = read_start(path, max_samples)
+        except UserError as err:
+            results[i] = err
+    positions = list(read)
+    for batch in equal_length_batches([len(read[i][0]) for i in positions], MAX_BATCH_SAMPLES):
+        members = [positions[j] for j in batch]
+        wavs = np.stack([read[i][0] for i in members])  # (B, L)
+        try:
+            feats = model.extract_features(wavs)
+            random_feats = None if reference is None else reference.extract_features(wavs)[layer]
+        except UserError as err:  # shorter than one frame: so is every file of this length
+            for i in members:
+                results[i] = err
+            continue
+        z, c = (feats[key].float().cpu().numpy() for key in ("z", "c"))  # each (B, C, T)
+        for j, i in enumerate(members):
+            random_frames = None if random_feats is None else random_feats[j].float().cpu().numpy()
+            results[i] = FileFeatures(read[i][0], read[i][1], z[j], c[j], random_frames)
+    return results
+
+
+def frame_labels_of(path: Path, num_frames: int, window: int, names: list[str] | None) -> np.ndarray | None:
+    """(T,) the label of each feature frame from <name>.frames.npy beside the file (named by
+    frame_labels.json where the corpus has one); None when the file has no frame labels."""
+    if not frame_label_path(path).is_file():
+        return None
+    ids = labels_at_centres(np.load(frame_label_path(path)), num_frames, window)
+    return np.array([names[i] if names and 0 <= i < len(names) else str(i) for i in ids.tolist()])
+
+
+def embed_files(model: Wav2Vec, reference: Wav2Vec | None, files: list[Path], names: list[str],
+                labels: list[str | None], args: argparse.Namespace
+                ) -> tuple[Embeddings, list[tuple[str, str]]]:
+    """Run the model (and the reference network, if any) on every file, --batch-size files at a time; draw
+    --num-samples of them, spread over the list as the files are; keep their features. Returns the
+    embeddings and each per-file figure's (file name, caption)."""
     rng = np.random.default_rng(args.seed)
     max_samples = int(args.max_seconds * SAMPLE_RATE)
     per_file = math.ceil(args.max_frames / len(files))  # frames kept per file: memory stays bounded
-    kept_names, kept_labels, means, sampled, owners, skipped, figures = [], [], [], [], [], [], []
+    label_names = frame_label_names(args.data_dir)
+    kept_names, kept_labels, means, random_means, sampled, owners, frame_labels, skipped, figures = \
+        [], [], [], [], [], [], [], [], []
     total_frames, total_seconds, example = 0, 0.0, None
     to_draw = set(evenly_spaced(len(files), args.num_samples).tolist())
     owed = 0  # figures due: a file picked for one but unreadable passes it on to the next readable file
-    inputs = list(zip(files, names, labels, strict=True))
-    for position, (path, name, label) in enumerate(tqdm(inputs, desc="extracting", unit="file")):
-        owed += position in to_draw
-        try:
-            wav, duration = read_start(path, max_samples)
-            feats = model.extract_features(torch.from_numpy(wav))
-        except UserError as err:  # unreadable, or shorter than one frame
-            log.warning("Skipping %s: %s", name, err)
-            skipped.append(name)
-            continue
-        z, c = (feats[key][0].float().cpu().numpy() for key in ("z", "c"))  # each (C, T)
-        frames = c if args.layer == "c" else z
-        if owed:
-            owed -= 1
-            figure = f"sample_{len(figures):02d}_{slug(name)}.png"
-            plot_sample(wav, duration, z, c, model, name, label, args.output_dir / figure)
-            figures.append((figure, f"{name}{f' (label {label})' if label is not None else ''}: waveform, "
-                                    "log-mel spectrogram, latent z and context c on one time axis."))
-        if example is None:
-            example = frames
-        chosen = np.sort(rng.choice(frames.shape[1], min(per_file, frames.shape[1]), replace=False))
-        sampled.append(frames[:, chosen].T)
-        owners.append(np.full(len(chosen), len(kept_names)))
-        kept_names.append(name)
-        kept_labels.append(label)
-        means.append(frames.mean(axis=1))
-        total_frames += frames.shape[1]
-        total_seconds += len(wav) / SAMPLE_RATE
+    with tqdm(total=len(files), desc="extracting", unit="file") as progress:
+        for begin in range(0, len(files), args.batch_size):
+            paths = files[begin:begin + args.batch_size]
+            batch = embed_batch(model, reference, paths, max_samples, args.layer)
+            for position, result in enumerate(batch, start=begin):
+                name, label = names[position], labels[position]
+                owed += position in to_draw
+                progress.update()
+                if isinstance(result, UserError):  # unreadable, or shorter than one frame
+                    log.warning("Skipping %s: %s", name, result)
+                    skipped.append(name)
+                    continue
+                frames = result.c if args.layer == "c" else result.z
+                if owed:
+                    owed -= 1
+                    figure = f"sample_{len(figures):02d}_{slug(name)}.png"
+                    plot_sample(result.wav, result.duration, result.z, result.c, model, name, label,
+                                args.output_dir / figure)
+                    figures.append((figure, f"{name}{f' (label {label})' if label is not None else ''}: "
+                                            "waveform, log-mel spectrogram, latent z and context c on one "
+                                            "time axis."))
+                if example is None:
+                    example = frames
+                chosen = np.sort(rng.choice(frames.shape[1], min(per_file, frames.shape[1]), replace=False))
+                sampled.append(frames[:, chosen].T)
+                owners.append(np.full(len(chosen), len(kept_names)))
+                own = frame_labels_of(files[position], frames.shape[1], model.receptive_field, label_names)
+                frame_labels.append(np.full(len(chosen), UNLABELLED) if own is None else own[chosen])
+                kept_names.append(name)
+                kept_labels.append(label)
+                means.append(frames.mean(axis=1))
+                if result.reference is not None:
+                    random_means.append(result.reference.mean(axis=1))
+                total_frames += frames.shape[1]
+                total_seconds += len(result.wav) / SAMPLE_RATE
     if len(kept_names) < 2:
         raise UserError(f"Only {len(kept_names)} of {len(files)} audio files could be embedded; "
                         "the figures compare files, so give a folder with at least two readable ones.")
-    frames, owner = np.concatenate(sampled), np.concatenate(owners)
+    frames, owner, frame_label = np.concatenate(sampled), np.concatenate(owners), np.concatenate(frame_labels)
     if len(frames) > args.max_frames:
         chosen = np.sort(rng.choice(len(frames), args.max_frames, replace=False))
-        frames, owner = frames[chosen], owner[chosen]
-    embeddings = Embeddings(kept_names, kept_labels, np.stack(means), frames, owner, total_frames,
-                            total_seconds, example, skipped)
+        frames, owner, frame_label = frames[chosen], owner[chosen], frame_label[chosen]
+    has_frame_labels = bool((frame_label != UNLABELLED).any())
+    embeddings = Embeddings(kept_names, kept_labels, np.stack(means), frames, owner,
+                            frame_label.tolist() if has_frame_labels else None,
+                            np.stack(random_means) if random_means else None, total_frames, total_seconds,
+                            example, skipped)
     return embeddings, figures
 
 
@@ -360,14 +457,15 @@ def category_colours(categories: list[str]) -> dict[str, tuple]:
     return {category: palette[i] for i, category in enumerate(sorted(counts, key=natural_key))}
 
 
-def add_legend(fig: Figure, colours: dict[str, tuple], categories: list[str], title: str) -> None:
-    """One legend right of the panels: an entry per coloured category, and one for the grey rest."""
+def add_legend(fig: Figure, colours: dict[str, tuple], categories: list[str], title: str,
+               loc: str = "outside right upper") -> None:
+    """A legend beside the panels: an entry per coloured category, and one for the grey rest."""
     handles = [Line2D([], [], marker="o", ls="", color=colour, label=shorten(category, 28))
                for category, colour in colours.items()]
     others = len(set(categories) - set(colours))
     if others:
         handles.append(Line2D([], [], marker="o", ls="", color=OTHER_COLOUR, label=f"other ({others})"))
-    fig.legend(handles=handles, loc="outside right upper", title=title, fontsize="small")
+    fig.legend(handles=handles, loc=loc, title=title, fontsize="small")
 
 
 def project(points: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, tuple[str, str]]:
@@ -385,29 +483,38 @@ def project(points: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, tup
     return tsne.fit_transform(reduced), ("t-SNE 1 (a.u.)", "t-SNE 2 (a.u.)")
 
 
-def plot_embedding_map(emb: Embeddings, categories: list[str], colour_by: str, method: str, layer: str,
-                       seed: int, path: Path) -> None:
-    """Two panels: sampled frames and per-file means, projected to 2-D, coloured by category."""
+def plot_embedding_map(emb: Embeddings, categories: list[str], colour_by: str, frame_categories: list[str],
+                       frame_colour_by: str, method: str, layer: str, seed: int, path: Path) -> None:
+    """Two panels: sampled frames and per-file means, projected to 2-D, coloured by category (the frames by
+    their own when they have frame labels)."""
     colours = category_colours(categories)
-    frame_categories = [categories[i] for i in emb.frame_file]
+    frame_colours = colours if frame_colour_by == colour_by else category_colours(frame_categories)
     fig = Figure(figsize=(12.5, 5.5), layout="constrained")
     panels = (
-        (emb.frames, frame_categories, 6, f"Frames: {len(emb.frames)} sampled of {emb.total_frames}"),
-        (emb.utterances, categories, 36, f"Files: {len(emb.utterances)} (mean over time)"),
+        (emb.frames, frame_categories, frame_colours, 6, f"Frames: {len(emb.frames)} sampled of "
+                                                         f"{emb.total_frames}"),
+        (emb.utterances, categories, colours, 36, f"Files: {len(emb.utterances)} (mean over time)"),
     )
     rng = np.random.default_rng(seed)
-    for ax, (points, point_categories, size, title) in zip(fig.subplots(1, 2), panels, strict=True):
+    for ax, (points, point_categories, point_colours, size, title) in zip(fig.subplots(1, 2), panels,
+                                                                           strict=True):
         start = time.perf_counter()
         xy, (xlabel, ylabel) = project(points, method, seed)
         log.info("%s of %d points took %.1f s", method, len(points), time.perf_counter() - start)
         order = rng.permutation(len(xy))  # random drawing order: no category hides under the last one drawn
         ax.scatter(xy[order, 0], xy[order, 1], s=size, linewidths=0, alpha=0.8,
-                   c=[colours.get(point_categories[i], OTHER_COLOUR) for i in order])
+                   c=[point_colours.get(point_categories[i], OTHER_COLOUR) for i in order])
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
     name = "t-SNE" if method == "tsne" else "PCA"
-    fig.suptitle(f"{name} of {layer} features, coloured by {colour_by}")
-    add_legend(fig, colours, categories, colour_by)
+    if frame_colour_by == colour_by:
+        fig.suptitle(f"{name} of {layer} features, coloured by {colour_by}")
+        add_legend(fig, colours, categories, colour_by)
+    else:
+        fig.suptitle(f"{name} of {layer} features: frames coloured by {frame_colour_by}, "
+                     f"files by {colour_by}")
+        add_legend(fig, frame_colours, frame_categories, frame_colour_by, loc="outside left upper")
+        add_legend(fig, colours, categories, colour_by)
     fig.savefig(path, dpi=DPI)
 
 
@@ -533,9 +640,29 @@ def label_agreement(nearest: np.ndarray, labels: list[str | None]) -> tuple[floa
     return (float(np.mean(shared)) if shared else math.nan), chance
 
 
+def file_similarity(utterances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cosine similarity (N, N) of the mean-centred file embeddings (N, C), each file's k nearest other
+    files (N, k), their cosine distances (N, k)); see the module docstring for the centring."""
+    centred = utterances - utterances.mean(axis=0)
+    similarity = cosine_matrix(centred, centred)
+    return (similarity, *nearest_neighbours(similarity, k))
+
+
+def summary_numbers(similarity: np.ndarray, nearest: np.ndarray,
+                    labels: list[str | None]) -> dict[str, float]:
+    """Mean similarity within and between labels, and the share of nearest neighbours with the query's label
+    (and that share by chance)."""
+    within, between = within_between(similarity, labels)
+    agreement, chance = label_agreement(nearest, labels)
+    return {"within": within, "between": between, "k": nearest.shape[1], "agreement": agreement,
+            "chance": chance}
+
+
 def summary_text(args: argparse.Namespace, model: Wav2Vec, history: dict | None, emb: Embeddings,
-                 found: int, selected: int, numbers: dict[str, float]) -> str:
-    """One paragraph: the checkpoint, what was embedded, and how well the features group by label."""
+                 found: int, selected: int, numbers: dict[str, float],
+                 reference: dict[str, float] | None) -> str:
+    """One paragraph: the checkpoint, what was embedded, and how well the features group by label, beside
+    the same numbers for a random network of the same configuration (`reference`) when it ran."""
     cfg = model.config
     checkpoint = (f"Checkpoint {args.checkpoint} ({len(cfg.encoder_layers)} encoder and "
                   f"{len(cfg.context_layers)} context layers, {cfg.context_layers[-1][0]} channels, "
@@ -558,12 +685,17 @@ def summary_text(args: argparse.Namespace, model: Wav2Vec, history: dict | None,
         parts += [f"Labels from {args.labels}: {distinct} distinct"
                   + (f", {unlabelled} files without one" if unlabelled else ""),
                   f"Mean cosine similarity (mean-centred) between file embeddings: {numbers['within']:.3f} "
-                  f"within a label versus {numbers['between']:.3f} between labels",
+                  f"within a label versus {numbers['between']:.3f} between labels"
+                  + (f" ({REFERENCE}: {reference['within']:.3f} versus {reference['between']:.3f})"
+                     if reference else ""),
                   f"Of each file's {numbers['k']} nearest neighbours, {100 * numbers['agreement']:.0f}% "
-                  f"share its label (chance {100 * numbers['chance']:.0f}%)"]
+                  "share its label ("
+                  + (f"{REFERENCE}: {100 * reference['agreement']:.0f}%; " if reference else "")
+                  + f"chance {100 * numbers['chance']:.0f}%)"]
     else:
         parts.append("No labels were given, so within- versus between-label similarity is not reported; the "
-                     f"mean cosine similarity (mean-centred) between files is {numbers['between']:.3f}")
+                     f"mean cosine similarity (mean-centred) between files is {numbers['between']:.3f}"
+                     + (f" ({REFERENCE}: {reference['between']:.3f})" if reference else ""))
     return ". ".join(parts) + "."
 
 
@@ -589,20 +721,26 @@ def main(argv: list[str] | None = None) -> None:
     """Load the checkpoint, embed the files, write every figure, the table, the summary and the page."""
     args = parse_args(argv)
     setup_logging()
+    ensure_writable_dir(args.output_dir, "--output-dir")  # before the work, not after it
+    set_threads(args.threads)
     start = time.perf_counter()
     device = resolve_device(args.device)
     model = Wav2Vec.from_pretrained(args.checkpoint, map_location=device)
+    reference = None
+    if args.random_reference:  # what the summary's numbers would be without training
+        torch.manual_seed(args.seed)
+        reference = Wav2Vec(model.config).to(device).eval()
     history = load_history(args.checkpoint)
     found = find_audio_files(args.data_dir)
     if not found:
         raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
-    files = [found[i] for i in evenly_spaced(len(found), args.max_batches)]  # see the docstring
+    # --max-batches x --batch-size files, evenly spaced: see the module docstring
+    files = [found[i] for i in evenly_spaced(len(found), args.max_batches * args.batch_size)]
     names = [f.relative_to(args.data_dir).as_posix() for f in files]
     labels = labels_for_files(names, args.labels, args.data_dir) if args.labels else [None] * len(files)
     if args.labels and all(label is None for label in labels):
         raise UserError(f"None of the {len(files)} files got a label from {args.labels!r}; check the source.")
     out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     log.info("%s on %s: embedding %d of %d files from %s, layer %s", args.checkpoint, device, len(files),
              len(found), args.data_dir, args.layer)
 
@@ -614,20 +752,25 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log.info("%s holds no training history: skipping the loss curves.", args.checkpoint)
 
-    emb, sample_figures = embed_files(model, files, names, labels, args)
+    emb, sample_figures = embed_files(model, reference, files, names, labels, args)
     colour_by = "label" if args.labels else "file"
     categories = ([UNLABELLED if label is None else label for label in emb.labels] if args.labels
                   else emb.names)
+    frame_colour_by = "frame label" if emb.frame_labels else colour_by
+    frame_categories = emb.frame_labels or [categories[i] for i in emb.frame_file]
     for method in ("tsne", "pca"):
-        plot_embedding_map(emb, categories, colour_by, method, args.layer, args.seed, out / f"{method}.png")
+        plot_embedding_map(emb, categories, colour_by, frame_categories, frame_colour_by, method, args.layer,
+                           args.seed, out / f"{method}.png")
 
-    centre = emb.utterances.mean(axis=0)  # see the module docstring: post-ReLU features need centring
-    similarity = cosine_matrix(emb.utterances - centre, emb.utterances - centre)
     k = min(args.neighbours, len(emb.names) - 1)
-    nearest, distance = nearest_neighbours(similarity, k)
-    within, between = within_between(similarity, emb.labels if args.labels else list(emb.names))
-    agreement, chance = label_agreement(nearest, emb.labels)
-    numbers = {"within": within, "between": between, "k": k, "agreement": agreement, "chance": chance}
+    similarity, nearest, distance = file_similarity(emb.utterances, k)
+    grouping = emb.labels if args.labels else list(emb.names)  # without labels, every file is its own group
+    numbers = summary_numbers(similarity, nearest, grouping)
+    reference_numbers = (None if emb.reference is None
+                         else summary_numbers(*file_similarity(emb.reference, k)[:2], grouping))
+    within, between = numbers["within"], numbers["between"]
+    agreement, chance = numbers["agreement"], numbers["chance"]
+    centre = emb.utterances.mean(axis=0)  # for the self-similarity, centred like the files
     order = np.array(sorted(range(len(emb.names)), key=lambda i: (natural_key(categories[i]), emb.names[i])))
     similarity_note = f"\nwithin label {within:.2f}, between labels {between:.2f}"
     plot_similarity_heatmap(similarity, order, categories, colour_by, args.layer,
@@ -639,17 +782,16 @@ def main(argv: list[str] | None = None) -> None:
                     out / "nearest_neighbours.png")
 
     figures += sample_figures + [
-        ("tsne.png", f"t-SNE of {args.layer} features: sampled frames (left) and per-file means (right), "
-                     f"coloured by {colour_by}."),
-        ("pca.png", "The first two principal components of the same frames and files, "
-                    f"coloured by {colour_by}."),
+        ("tsne.png", f"t-SNE of {args.layer} features: sampled frames (left, coloured by {frame_colour_by}) "
+                     f"and per-file means (right, coloured by {colour_by})."),
+        ("pca.png", "The first two principal components of the same frames and files, coloured the same."),
         ("similarity_heatmap.png", "Cosine similarity between per-file mean embeddings (after subtracting "
                                    f"their mean), files grouped by {colour_by}."),
         ("self_similarity.png", f"Cosine similarity between every pair of frames of {emb.names[0]}."),
         ("nearest_neighbours.png", f"The {k} nearest files of a spread of query files (every file is in "
                                    "nearest_neighbours.csv); ✓ marks a neighbour with the query's label."),
     ]
-    summary = summary_text(args, model, history, emb, len(found), len(files), numbers)
+    summary = summary_text(args, model, history, emb, len(found), len(files), numbers, reference_numbers)
     (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
     write_index(out / "index.html", summary, figures)
     log.info("%s", summary)

@@ -200,6 +200,24 @@ def test_a_file_that_breaks_after_the_scan_is_logged_once_and_replaced_by_the_ne
     assert sum("a.flac" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_a_file_with_non_finite_samples_is_skipped_named_and_counted_like_a_corrupt_one(tmp_path, caplog,
+                                                                                       bad_value):
+    write(tmp_path / "a.wav", tone(1.0, SAMPLE_RATE, hz=440), SAMPLE_RATE, subtype="FLOAT")
+    poisoned = tone(1.0, SAMPLE_RATE, hz=1000)
+    poisoned[::100] = bad_value
+    write(tmp_path / "b.wav", poisoned, SAMPLE_RATE, subtype="FLOAT")
+    ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=8000)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        crops = [ds[(i, epoch)] for i in range(2) for epoch in range(3)]
+    assert all(torch.isfinite(c).all() and peak_hz(c.numpy()) == pytest.approx(440, abs=2) for c in crops)
+    assert ds.num_read_errors == 1
+    (line,) = [r.getMessage() for r in caplog.records if "b.wav" in r.getMessage()]
+    assert "NaN or infinite" in line
+    with pytest.raises(UserError, match="NaN or infinite"):
+        load_audio(tmp_path / "b.wav")
+
+
 def test_a_folder_without_audio_is_one_clear_user_error(tmp_path):
     (tmp_path / "readme.txt").write_text("no audio here")
     with pytest.raises(UserError, match="No audio files"):
@@ -348,6 +366,28 @@ def test_each_worker_is_seeded_differently_and_reproducibly():
     assert not torch.equal(by_worker[0], by_worker[1])
     assert torch.equal(draws(0), first)
     assert not torch.equal(draws(1)[:, 0], first[:, 0])
+
+
+def test_files_shorter_than_one_crop_are_met_with_the_flags_that_keep_them_and_the_numbers(tmp_path, caplog):
+    for i, seconds in enumerate((0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 3.0)):
+        write(tmp_path / f"{i}.wav", tone(seconds, SAMPLE_RATE), SAMPLE_RATE)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=32000)
+    advice = "--pad-short keeps them (zero-padded), or --segment-length 4800 keeps 90% of the files whole"
+    assert f"9 of 10 files are shorter than one crop (32000 samples, 2.00 s): skipped; {advice}" \
+        in caplog.text
+    with pytest.raises(UserError, match="9 files were skipped as shorter than one crop: --pad-short") \
+            as error:
+        make_loader(ds, EpochSampler(len(ds)), batch_size=2)
+    assert "--segment-length 4800" in str(error.value) and "--batch-size" not in str(error.value)
+    with pytest.raises(UserError, match=r"All 10 files .* \(the longest has 48000\): --pad-short"):
+        CropDataset(tmp_path, build_manifest(tmp_path), segment_length=64000)
+
+
+def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
+    for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert data.default_num_workers() == workers
 
 
 def test_a_training_set_smaller_than_one_batch_is_a_user_error(tmp_path):

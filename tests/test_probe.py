@@ -13,7 +13,7 @@ import torch
 import probe
 from data import make_demo_corpus
 from features import deltas, mel_filterbank, mfcc
-from model import UserError
+from model import UserError, Wav2Vec, Wav2VecConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +95,35 @@ def test_random_features_are_seeded():
     second, _ = probe.featurizer("random", "c", seed=3, device=torch.device("cpu"))
     np.testing.assert_array_equal(first(wav)[0], second(wav)[0])
     assert window == 465 and first(wav)[0].shape[0] == 512  # the base config, full width
+
+
+def test_random_with_a_checkpoint_is_a_random_network_of_that_checkpoints_config(tmp_path):
+    torch.manual_seed(1)
+    trained = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16, norm="layer"))
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"config": trained.config.to_dict(), "model": trained.state_dict()}, checkpoint)
+    wav = [np.random.default_rng(0).standard_normal(1600).astype(np.float32)]
+    random_of_it, _ = probe.featurizer(f"random:{checkpoint}", "c", seed=3, device=torch.device("cpu"))
+    torch.manual_seed(3)
+    expected = Wav2Vec(trained.config).eval().extract_features(torch.from_numpy(wav[0]))["c"][0].numpy()
+    np.testing.assert_array_equal(random_of_it(wav)[0], expected)
+    assert probe.feature_config(f"random:{checkpoint}") == trained.config
+    assert probe.feature_config("random") == Wav2VecConfig.preset("wav2vec")
+    assert probe.feature_config("mfcc") is None
+
+
+def test_the_json_records_the_config_of_the_network_probed(tmp_path):
+    for k in range(3):
+        write_tone(tmp_path / "data" / "low" / f"{k}.wav", 200 + 20 * k, seed=k)
+        write_tone(tmp_path / "data" / "high" / f"{k}.wav", 2000 + 100 * k, seed=k)
+    torch.manual_seed(0)
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16))
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, tmp_path / "tiny.pt")
+    for features, channels in ((f"random:{tmp_path / 'tiny.pt'}", 16), ("mfcc", None)):
+        probe.main(["--data-dir", str(tmp_path / "data"), "--labels", "folder", "--features", features,
+                    "--folds", "3", "--json", str(tmp_path / "p.json")])
+        recorded = json.loads((tmp_path / "p.json").read_text())["features_config"]
+        assert (recorded and recorded["context_layers"][-1][0]) == channels
 
 
 # ----- label sources ------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 
 import vis
-from data import make_demo_corpus
-from model import Wav2Vec, Wav2VecConfig
+from data import DEMO_LABELS, make_demo_corpus
+from model import UserError, Wav2Vec, Wav2VecConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -106,7 +106,58 @@ def test_summary_reports_within_and_between_label_similarity(folder_run):
     match = re.search(r"(-?\d\.\d+) within a label versus (-?\d\.\d+) between labels", summary)
     assert match, summary
     assert "9 of 9 selected files embedded" in summary
-    assert "share its label (chance 25%)" in summary  # 3 labels x 3 files: 2 of the 8 others share it
+    assert re.search(r"share its label \(.*chance 25%\)", summary)  # 3 labels x 3 files: 2 of 8 others
+
+
+def test_the_summary_gives_the_same_numbers_for_a_random_network_of_the_checkpoints_config(folder_run):
+    # The fixture's checkpoint is a 32-channel network initialised with seed 0, as the reference is (--seed
+    # 0): only a reference of the checkpoint's own configuration gives the very same numbers.
+    summary = (folder_run / "summary.txt").read_text()
+    numbers = re.search(r"(-?\d\.\d+) within a label versus (-?\d\.\d+) between labels", summary)
+    within, between = numbers.groups()
+    assert f"({vis.REFERENCE}: {within} versus {between})" in summary
+    agreement = re.search(r"neighbours, (\d+)% share its label", summary).group(1)
+    assert f"({vis.REFERENCE}: {agreement}%; chance" in summary
+
+
+def test_without_the_random_reference_the_summary_gives_only_the_checkpoints_numbers(workspace, tmp_path):
+    out = run_vis(workspace, tmp_path / "out", "--labels", "folder", "--num-samples", "0",
+                  "--no-random-reference")
+    summary = (out / "summary.txt").read_text()
+    assert "within a label versus" in summary and vis.REFERENCE not in summary
+
+
+def test_frames_are_coloured_by_their_own_labels_where_the_corpus_has_them(folder_run, workspace, tmp_path):
+    assert "sampled frames (left, coloured by frame label)" in (folder_run / "index.html").read_text()
+    wav = next(workspace["corpus"].glob("speaker00/*.wav"))
+    names = vis.frame_label_names(workspace["corpus"])
+    labels = vis.frame_labels_of(wav, 10, 465, names)
+    assert len(labels) == 10 and set(labels) <= set(DEMO_LABELS)
+    corpus = tmp_path / "corpus"  # the same audio without its frame labels
+    corpus.mkdir()
+    for source in sorted(workspace["corpus"].glob("speaker01/*.wav")):
+        (corpus / source.name).write_bytes(source.read_bytes())
+    out = run_vis(workspace, tmp_path / "out", "--num-samples", "0", data_dir=corpus)
+    assert "sampled frames (left, coloured by file)" in (out / "index.html").read_text()
+
+
+def test_max_batches_counts_batches_of_batch_size_files(workspace, tmp_path):
+    out = run_vis(workspace, tmp_path / "out", "--max-batches", "2", "--batch-size", "3",
+                  "--num-samples", "0")
+    assert "6 of 6 selected files embedded (9 found" in (out / "summary.txt").read_text()
+    defaults = vis.parse_args(["--data-dir", "."])
+    assert defaults.max_batches * defaults.batch_size >= 100  # 10 files per FSDD digit, not 2
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(workspace, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="Cannot write to the output folder .*--output-dir"):
+        run_vis(workspace, tmp_path / "file" / "vis", checkpoint=tmp_path / "missing.pt")  # not loaded yet
+
+
+def test_an_invalid_label_pattern_is_one_sentence(workspace, tmp_path):
+    with pytest.raises(UserError, match="is not a valid regular expression"):
+        run_vis(workspace, tmp_path / "out", "--labels", r"pattern:(?P<label>\d")
 
 
 def test_labels_from_a_tsv_fill_the_same_label_column(workspace, tmp_path):
