@@ -46,14 +46,17 @@ from sklearn.preprocessing import StandardScaler
 from data import find_audio_files
 from features import LAYERS, MFCC_WINDOW, FramesOf, file_frames, mfcc, model_features, pool
 from model import UserError, Wav2Vec, Wav2VecConfig
-from utils import FSDD_PATTERN, labels_for_files, resolve_device, run_cli, setup_logging
+from utils import (
+    check_classes,
+    fsdd_test_mask,
+    read_labels,
+    resolve_device,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
-# Label shortcuts: a source for utils.labels_for_files and the column (or pattern group) that holds the label.
-FSDD_SOURCE = f"pattern:{FSDD_PATTERN}"
-SHORTCUTS = {"fsdd-digit": (FSDD_SOURCE, "digit"), "fsdd-speaker": (FSDD_SOURCE, "speaker")}
-FSDD_TEST_REPETITIONS = 5  # official split: repetitions 0-4 test, 5-49 train
 FRAME_HOP = 160  # samples per 10 ms: the hop of wav2vec and MFCC frames and the span of one frame label
 
 
@@ -107,43 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.folds < 2 or args.max_frames < 1:
         raise UserError("--folds must be at least 2 and --max-frames positive.")
     return args
-
-
-# ----- labels -------------------------------------------------------------------------------------
-
-def label_source(spec: str) -> tuple[str, str]:
-    """(source for utils.labels_for_files, column holding the label) for a --labels value."""
-    return SHORTCUTS.get(spec, (spec, "label"))
-
-
-def read_labels(files: list[str], spec: str, data_dir: Path,
-                group_column: str | None = None) -> tuple[list[str | None], list[str | None] | None]:
-    """(label, group) per relative file path, None where missing; groups are None without a group column."""
-    source, column = label_source(spec)
-    labels = labels_for_files(files, source, data_dir, column)
-    if group_column is None:
-        return labels, None
-    if source == "folder":
-        raise UserError("--group-column needs a TSV or a pattern label source, not --labels folder.")
-    return labels, labels_for_files(files, source, data_dir, group_column)
-
-
-def check_classes(labels: list[str]) -> None:
-    """A probe needs at least two classes."""
-    classes = set(labels)
-    if len(classes) < 2:
-        found = f"only {classes.pop()!r}" if classes else "none"
-        raise UserError(f"A probe needs at least two classes, found {found}: check --labels and --data-dir.")
-
-
-def fsdd_test_mask(files: list[str], data_dir: Path) -> np.ndarray:
-    """(N,) True for FSDD's official test files (repetitions 0-4)."""
-    index = labels_for_files(files, FSDD_SOURCE, data_dir, "index")
-    unnamed = [f for f, i in zip(files, index, strict=True) if i is None]
-    if unnamed:
-        raise UserError(f"--split fsdd-official needs FSDD names {{digit}}_{{speaker}}_{{index}}.wav, "
-                        f"but {len(unnamed)} files differ (e.g. {unnamed[0]}).")
-    return np.array([int(i) < FSDD_TEST_REPETITIONS for i in index])
 
 
 # ----- features -----------------------------------------------------------------------------------
