@@ -279,7 +279,7 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """Fused AdamW (0.9, 0.999); weight decay on conv and projection weights only, never norms and biases.
     Fused, because it can skip a non-finite update on the device (found_inf) without a host sync."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen parts stay out
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
