@@ -561,13 +561,15 @@ def train_fold(args: argparse.Namespace, name: str, data: Dataset, inputs: list,
                 frames = batch_frames(model, [inputs[i] for i in batch], stage, device, True, rng, args)
                 outputs = model.head(*frames, args.mask_frames, generator)
             loss = loss_of(model, outputs, torch.as_tensor(data.targets[batch], device=device))
+            loss = loss.float()
             scaler.scale(loss).backward()
             optimizer_step(model, optimizer, scaler, args.clip_norm, loss.detach())
             scheduler.step()
             update += 1
+            loss_value = loss.item()
             progress.update()
-            progress.set_postfix(loss=f"{float(loss):.3f}")
-            writer.add_scalar(f"{name}/train_loss", float(loss), update)
+            progress.set_postfix(loss=f"{loss_value:.3f}")
+            writer.add_scalar(f"{name}/train_loss", loss_value, update)
             out_of_time = args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes
             if update % eval_every == 0 or update >= total or out_of_time:
                 if len(valid_rows):
@@ -790,7 +792,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     optim.add_argument("--max-updates", type=positive_int, default=None)
     optim.add_argument("--max-minutes", type=float, default=None, help="training time per fold")
     optim.add_argument("--batch-size", type=positive_int, default=16)
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head")
+    optim.add_argument("--lr", type=float, default=5e-3, help="peak learning rate of the head")
     optim.add_argument("--backbone-lr", type=float, default=5e-5, help="peak learning rate of the backbone")
     optim.add_argument("--freeze-updates", type=int, default=100,
                        help="with --freeze encoder/none, updates before the backbone starts to train")
