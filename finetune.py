@@ -60,7 +60,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import SAMPLE_RATE, augment, find_audio_files, load_audio
-from features import mfcc
+from features import MFCC_WINDOW, mfcc
 from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights, read_checkpoint
 from utils import (
     PRECISIONS,
@@ -68,7 +68,6 @@ from utils import (
     build_optimizer,
     check_classes,
     classification_metrics,
-    derived_seed,
     ensure_writable_dir,
     fsdd_test_mask,
     lr_lambda,
@@ -388,8 +387,10 @@ def prepare_inputs(model: Classifier, paths: Sequence[Path], stage: str, device:
     inputs = []
     for path in tqdm(paths, desc=f"loading ({stage})", unit="file", leave=False):
         wav = load_audio(path, SAMPLE_RATE)
-        if model.backbone is not None and model.backbone.num_frames(len(wav)) < 1 or len(wav) < 400:
-            raise UserError(f"{path} is shorter than one frame: remove it or pad it.")
+        shortest = MFCC_WINDOW if model.backbone is None else model.backbone.receptive_field
+        if len(wav) < shortest:
+            raise UserError(f"{path} is shorter than one frame ({len(wav)} of {shortest} samples at 16 kHz): "
+                            "remove it or pad it.")
         if stage == "wav":
             inputs.append(wav)
             continue
@@ -515,12 +516,11 @@ def better(config: HeadConfig, metrics: dict, best: dict | None) -> bool:
 
 @dataclass
 class FoldResult:
+    """A fold's best model, its predictions for the fold's test files, and its test metrics."""
+
     model: Classifier
     predictions: list[dict]
     metrics: dict
-    updates: int
-    best_update: int
-    seconds: float
 
 
 def train_fold(args: argparse.Namespace, name: str, data: Dataset, inputs: list, rows: np.ndarray,
@@ -543,8 +543,8 @@ def train_fold(args: argparse.Namespace, name: str, data: Dataset, inputs: list,
         optimizer, lr_lambda("cosine", args.warmup_updates, total, args.min_lr_ratio))
     scaler = make_grad_scaler(device, args.precision)
     autocast = autocast_context(device, args.precision)
-    rng = np.random.default_rng(derived_seed(args.seed, len(name)))
-    generator = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)  # every fold draws batches, crops and masks from the same seed,
+    generator = torch.Generator().manual_seed(args.seed)  # as its model starts from the same weights
     eval_every = args.eval_every or updates_per_epoch
     valid_inputs = [inputs[i] for i in valid_rows]
 
@@ -603,7 +603,7 @@ def train_fold(args: argparse.Namespace, name: str, data: Dataset, inputs: list,
         metrics["valid"] = {k: v for k, v in best.items() if k != "per_class_recall"}
     log.info("fold %s: %d updates in %.0f s (best at %d); test %s", name, update, seconds, best_update,
              summary(metrics))
-    return FoldResult(model, predictions, metrics, update, best_update, seconds)
+    return FoldResult(model, predictions, metrics)
 
 
 def summary(metrics: dict) -> str:
