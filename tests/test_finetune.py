@@ -153,6 +153,14 @@ def test_torch_hub_loads_a_classifier_and_a_pretrained_wav2vec(tmp_path, tones, 
     assert wav2vec.extract_features(torch.zeros(4000))["c"].shape[1] == 32
 
 
+def test_a_fairseq_checkpoint_is_a_backbone_too(tmp_path, tones):
+    fairseq = REPO / "tests" / "fixtures" / "fairseq_style_checkpoint_tiny.pt"
+    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "1", "--layer", "all",
+        checkpoint=str(fairseq))
+    model = finetune.Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
+    assert model.backbone.config.log_compression and model.layer_weights.shape == (12,)  # wav2vec large
+
+
 @pytest.mark.parametrize("freeze, frozen, trained", [("all", ("encoder", "context"), ()),
                                                      ("encoder", ("encoder",), ("context",)),
                                                      ("none", (), ("encoder", "context"))])
