@@ -9,7 +9,7 @@ from __future__ import annotations
 from finetune import Classifier
 from model import Wav2Vec
 
-dependencies = ["torch", "numpy", "scipy", "soundfile"]
+dependencies = ["torch", "numpy", "scipy", "soundfile", "sklearn", "matplotlib", "tensorboard", "tqdm"]
 
 
 def wav2vec(checkpoint: str, map_location: str = "cpu") -> Wav2Vec:
