@@ -394,7 +394,7 @@ def split_manifest(entries: Sequence[ManifestEntry], valid_fraction: float = 0.0
 
 # ----- crop datasets ------------------------------------------------------------------------------
 
-def _augment(wav: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def augment(wav: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random time shift (zero fill), gain and additive Gaussian noise at a random SNR: wav (L,) float32."""
     max_shift = min(int(MAX_SHIFT_SECONDS * SAMPLE_RATE), len(wav) // 4)
     shift = int(rng.integers(-max_shift, max_shift + 1))
@@ -481,7 +481,7 @@ class _CropDataset(Dataset):
         # Validation takes the centre crop, the same every epoch: losses compare across epochs and runs.
         start = 0 if room <= 0 else int(rng.integers(0, room + 1)) if self.train else room // 2
         wav = self._read(item, start, self.segment_length)
-        return _augment(wav, rng) if self.train and self.transforms else wav
+        return augment(wav, rng) if self.train and self.transforms else wav
 
 
 class CropDataset(_CropDataset):

@@ -247,11 +247,17 @@ class ContextNetwork(nn.Module):
         self.residual_scale = math.sqrt(config.residual_scale)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = z
+        return self.layer_outputs(z)[-1]
+
+    def layer_outputs(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """z (B, C, T) -> the output (B, C, T) of every context layer, the last being c (for a downstream
+        head's learned weighted sum of layers, as in SUPERB)."""
+        x, outputs = z, []
         for layer, proj in zip(self.layers, self.residual_proj, strict=True):
             y = layer(x)
             x = (y + proj(x)) * self.residual_scale if self.skip_connections else y
-        return x
+            outputs.append(x)
+        return outputs
 
     def stream(self, z: torch.Tensor, buffers: list[torch.Tensor],
                first: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -40,9 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedKFold
+from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -61,11 +62,14 @@ from features import (
 from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights
 from ondevice import onnx_offline, onnx_session
 from utils import (
-    FSDD_PATTERN,
     add_threads_argument,
+    check_classes,
     ensure_writable_dir,
     ensure_writable_file,
-    labels_for_files,
+    fsdd_test_mask,
+    numeric_labels,
+    read_labels,
+    regression_metrics,
     resolve_device,
     run_cli,
     set_threads,
@@ -74,10 +78,6 @@ from utils import (
 
 log = logging.getLogger(__name__)
 
-# Label shortcuts: a source for utils.labels_for_files and the column (or pattern group) that holds the label.
-FSDD_SOURCE = f"pattern:{FSDD_PATTERN}"
-SHORTCUTS = {"fsdd-digit": (FSDD_SOURCE, "digit"), "fsdd-speaker": (FSDD_SOURCE, "speaker")}
-FSDD_TEST_REPETITIONS = 5  # official split: repetitions 0-4 test, 5-49 train
 
 
 @dataclass
@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--frame-level", action="store_true", help="probe every 10 ms frame instead of files")
     data.add_argument("--max-frames", type=int, default=50000,
                       help="with --frame-level, frames kept in all (drawn evenly over files, for speed)")
+    data.add_argument("--task", choices=("classify", "regress"), default="classify",
+                      help="regress: numeric labels, ridge (or --regressor hgb) on pooled features")
     feats = parser.add_argument_group("features")
     feats.add_argument("--features", required=True,
                        help="mfcc, random:CKPT (a random network of CKPT's config), random (of the base "
@@ -119,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--folds", type=int, default=5, help="folds of stratified or grouped k-fold")
     evaluation.add_argument("--max-iter", type=int, default=5000,
                             help="iteration limit of the logistic regression")
+    evaluation.add_argument("--regressor", choices=("ridge", "hgb"), default="ridge",
+                            help="with --task regress: ridge regression or scikit-learn's "
+                                 "HistGradientBoostingRegressor")
     evaluation.add_argument("--seed", type=int, default=0, help="seed of the random network, folds, frames")
     evaluation.add_argument("--json", type=Path, required=True, help="where to write the results")
     evaluation.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -127,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.frame_level and (args.labels or args.group_column):
         raise UserError("--frame-level reads labels from the files beside the audio: "
                         "drop --labels and --group-column (folds already group frames by file).")
+    if args.frame_level and args.task == "regress":
+        raise UserError("--task regress works on pooled files: drop --frame-level.")
     if args.split == "fsdd-official" and args.group_column:
         raise UserError("--split fsdd-official and --group-column are alternatives: choose one.")
     if not args.frame_level and not args.labels:
@@ -134,43 +141,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.folds < 2 or args.max_frames < 1:
         raise UserError("--folds must be at least 2 and --max-frames positive.")
     return args
-
-
-# ----- labels -------------------------------------------------------------------------------------
-
-def label_source(spec: str) -> tuple[str, str]:
-    """(source for utils.labels_for_files, column holding the label) for a --labels value."""
-    return SHORTCUTS.get(spec, (spec, "label"))
-
-
-def read_labels(files: list[str], spec: str, data_dir: Path,
-                group_column: str | None = None) -> tuple[list[str | None], list[str | None] | None]:
-    """(label, group) per relative file path, None where missing; groups are None without a group column."""
-    source, column = label_source(spec)
-    labels = labels_for_files(files, source, data_dir, column)
-    if group_column is None:
-        return labels, None
-    if source == "folder":
-        raise UserError("--group-column needs a TSV or a pattern label source, not --labels folder.")
-    return labels, labels_for_files(files, source, data_dir, group_column)
-
-
-def check_classes(labels: list[str]) -> None:
-    """A probe needs at least two classes."""
-    classes = set(labels)
-    if len(classes) < 2:
-        found = f"only {classes.pop()!r}" if classes else "none"
-        raise UserError(f"A probe needs at least two classes, found {found}: check --labels and --data-dir.")
-
-
-def fsdd_test_mask(files: list[str], data_dir: Path) -> np.ndarray:
-    """(N,) True for FSDD's official test files (repetitions 0-4)."""
-    index = labels_for_files(files, FSDD_SOURCE, data_dir, "index")
-    unnamed = [f for f, i in zip(files, index, strict=True) if i is None]
-    if unnamed:
-        raise UserError(f"--split fsdd-official needs FSDD names {{digit}}_{{speaker}}_{{index}}.wav, "
-                        f"but {len(unnamed)} files differ (e.g. {unnamed[0]}).")
-    return np.array([int(i) < FSDD_TEST_REPETITIONS for i in index])
 
 
 # ----- features -----------------------------------------------------------------------------------
@@ -266,8 +236,10 @@ def numbered(splits: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[Split]:
     return [(str(i + 1), train, test) for i, (train, test) in enumerate(splits)]
 
 
-def folds(examples: Examples, n_folds: int, seed: int, frame_level: bool = False) -> tuple[str, list[Split]]:
-    """(description, splits): the fixed split, leave-one-group-out, k-fold grouped by file, or stratified."""
+def folds(examples: Examples, n_folds: int, seed: int, frame_level: bool = False,
+          regress: bool = False) -> tuple[str, list[Split]]:
+    """(description, splits): the fixed split, leave-one-group-out, k-fold grouped by file, stratified
+    (classification) or plain (regression) k-fold."""
     rows = np.arange(len(examples.y))
     if examples.test_mask is not None:
         if examples.test_mask.all() or not examples.test_mask.any():
@@ -284,6 +256,9 @@ def folds(examples: Examples, n_folds: int, seed: int, frame_level: bool = False
             raise UserError("Frame-level cross-validation needs at least two files with frame labels.")
         splits = GroupKFold(n_splits=k).split(rows, groups=examples.file_index)
         return f"{k}-fold grouped by file", numbered(splits)
+    if regress:
+        splits = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(rows)
+        return f"{n_folds}-fold", numbered(splits)
     smallest = min(Counter(examples.y).values())
     if smallest < 2:
         raise UserError("Every class needs at least 2 examples for cross-validation; "
@@ -315,14 +290,34 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, splits: list[Split], max_iter: i
             "fold_accuracies": fold_accuracies, "n_tested": len(true)}
 
 
+def fit_and_score_regression(X: np.ndarray, y: np.ndarray, splits: list[Split],
+                             regressor: str = "ridge") -> dict:
+    """Standardise + ridge (alpha by internal cross-validation) or gradient boosting per fold; regression
+    metrics over all out-of-fold predictions, and each fold's MAE."""
+    true, predicted, fold_maes = [], [], []
+    for _, train, test in splits:
+        model = (make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+                 if regressor == "ridge" else HistGradientBoostingRegressor(random_state=0))
+        prediction = model.fit(X[train], y[train]).predict(X[test])
+        fold_maes.append(float(np.mean(np.abs(prediction - y[test]))))
+        true.append(y[test])
+        predicted.append(prediction)
+    return {**regression_metrics(np.concatenate(true), np.concatenate(predicted)), "fold_maes": fold_maes,
+            "n_tested": sum(len(t) for t in true)}
+
+
 def print_table(splits: list[Split], result: dict) -> None:
     """One row per fold, then the pooled scores."""
-    print(f"{'fold':<16}{'test':>8}{'accuracy':>10}")
-    for (name, _, test), accuracy in zip(splits, result["fold_accuracies"], strict=True):
-        print(f"{name:<16}{len(test):>8}{accuracy:>10.3f}")
-    print(f"{'all':<16}{result['n_tested']:>8}{result['accuracy']:>10.3f}   "
-          f"macro-F1 {result['macro_f1']:.3f}; {result['n_examples']} examples, "
-          f"{result['n_classes']} classes, {result['evaluation']}")
+    column = "accuracy" if "accuracy" in result else "mae"
+    print(f"{'fold':<16}{'test':>8}{column:>10}")
+    per_fold = result["fold_accuracies"] if column == "accuracy" else result["fold_maes"]
+    for (name, _, test), value in zip(splits, per_fold, strict=True):
+        print(f"{name:<16}{len(test):>8}{value:>10.3f}")
+    scores = (f"macro-F1 {result['macro_f1']:.3f}" if column == "accuracy"
+              else f"RMSE {result['rmse']:.3f}, R^2 {result['r2']:.3f}, Pearson r {result['pearson_r']:.3f}, "
+                   f"Spearman rho {result['spearman_rho']:.3f}")
+    print(f"{'all':<16}{result['n_tested']:>8}{result[column]:>10.3f}   {scores}; {result['n_examples']} "
+          f"examples, {result['n_classes']} classes, {result['evaluation']}")
 
 
 # ----- command line -------------------------------------------------------------------------------
@@ -356,7 +351,10 @@ def select_files(args: argparse.Namespace) -> Selection:
                 if label is not None and (groups is None or groups[i] is not None)]
         labels = [labels[i] for i in keep]
         groups = None if groups is None else [groups[i] for i in keep]
-        check_classes(labels)
+        if args.task == "regress":
+            numeric_labels(labels, [names[i] for i in keep])
+        else:
+            check_classes(labels)
     kept_names = [names[i] for i in keep]
     test_mask = fsdd_test_mask(kept_names, args.data_dir) if args.split == "fsdd-official" else None
     return Selection([files[i] for i in keep], labels, groups, test_mask, len(files) - len(keep))
@@ -369,12 +367,14 @@ def load_examples(args: argparse.Namespace, selection: Selection) -> Examples:
         examples = frame_examples(selection.paths, frames_of, window, args.max_frames, args.seed)
     else:
         X, file_index = pooled_features(args, selection.paths)
-        examples = Examples(X, np.array(selection.labels)[file_index], file_index)
+        y = np.array(selection.labels)[file_index]
+        examples = Examples(X, y.astype(float) if args.task == "regress" else y, file_index)
         if selection.groups is not None:
             examples.groups = np.array(selection.groups)[examples.file_index]
     if selection.test_mask is not None:
         examples.test_mask = selection.test_mask[examples.file_index]
-    check_classes(list(examples.y))  # again: frame labels, or unreadable files may have left one class
+    if args.task == "classify":
+        check_classes(list(examples.y))  # again: frame labels, or unreadable files may have left one class
     return examples
 
 
@@ -397,10 +397,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     examples = load_examples(args, selection)
     feature_seconds = time.perf_counter() - start
-    description, splits = folds(examples, args.folds, args.seed, args.frame_level)
+    description, splits = folds(examples, args.folds, args.seed, args.frame_level, args.task == "regress")
     log.info("%d examples of dimension %d, %s", len(examples.y), examples.X.shape[1], description)
-    result = fit_and_score(examples.X, examples.y, splits, args.max_iter)
-    result.update(n_examples=len(examples.y), n_classes=len(set(examples.y)),
+    if args.task == "regress":
+        result = fit_and_score_regression(examples.X, examples.y, splits, args.regressor)
+    else:
+        result = fit_and_score(examples.X, examples.y, splits, args.max_iter)
+    classes = len(set(examples.y)) if args.task == "classify" else 0
+    result.update(n_examples=len(examples.y), n_classes=classes,
                   n_files=len(np.unique(examples.file_index)),
                   skipped_files=selection.skipped, evaluation=description,
                   fold_names=[name for name, _, _ in splits], feature_seconds=round(feature_seconds, 2),

@@ -106,6 +106,89 @@ def labels_for_files(files: Sequence[str], source: str, data_dir: Path,
     return [table.get(f) for f in files]
 
 
+# Label shortcuts: a source for labels_for_files and the column (or pattern group) that holds the label.
+FSDD_SOURCE = f"pattern:{FSDD_PATTERN}"
+SHORTCUTS = {"fsdd-digit": (FSDD_SOURCE, "digit"), "fsdd-speaker": (FSDD_SOURCE, "speaker")}
+FSDD_TEST_REPETITIONS = 5  # official split: repetitions 0-4 test, 5-49 train
+
+
+def label_source(spec: str, column: str = "label") -> tuple[str, str]:
+    """(source for labels_for_files, column or pattern group holding the label) for a --labels value."""
+    return SHORTCUTS.get(spec, (spec, column))
+
+
+def read_labels(files: list[str], spec: str, data_dir: Path, group_column: str | None = None,
+                label_column: str = "label") -> tuple[list[str | None], list[str | None] | None]:
+    """(label, group) per relative file path, None where missing; groups are None without a group column."""
+    source, column = label_source(spec, label_column)
+    labels = labels_for_files(files, source, data_dir, column)
+    if group_column is None:
+        return labels, None
+    if source == "folder":
+        raise UserError("--group-column needs a TSV or a pattern label source, not --labels folder.")
+    return labels, labels_for_files(files, source, data_dir, group_column)
+
+
+def check_classes(labels: list[str]) -> None:
+    """Classification needs at least two classes."""
+    classes = set(labels)
+    if len(classes) < 2:
+        found = f"only {classes.pop()!r}" if classes else "none"
+        raise UserError(f"Classification needs at least two classes, found {found}: "
+                        "check --labels and --data-dir.")
+
+
+def numeric_labels(labels: Sequence[str], files: Sequence[str]) -> np.ndarray:
+    """(N,) float64 targets for regression; a label that is not a finite number is a user error."""
+    values = []
+    for label, name in zip(labels, files, strict=True):
+        try:
+            value = float(label)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise UserError(f"--task regress needs numeric labels, but {name} has {label!r}: "
+                            "choose a numeric --labels/--label-column, or use --task classify.")
+        values.append(value)
+    return np.array(values)
+
+
+def fsdd_test_mask(files: list[str], data_dir: Path) -> np.ndarray:
+    """(N,) True for FSDD's official test files (repetitions 0-4)."""
+    index = labels_for_files(files, FSDD_SOURCE, data_dir, "index")
+    unnamed = [f for f, i in zip(files, index, strict=True) if i is None]
+    if unnamed:
+        raise UserError(f"--split fsdd-official needs FSDD names {{digit}}_{{speaker}}_{{index}}.wav, "
+                        f"but {len(unnamed)} files differ (e.g. {unnamed[0]}).")
+    return np.array([int(i) < FSDD_TEST_REPETITIONS for i in index])
+
+
+# ----- evaluation metrics -------------------------------------------------------------------------
+
+def classification_metrics(true: Sequence[str], predicted: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 and the recall of every class (by name)."""
+    # Imported here, not at the top: main.py, which never scores, then starts without scikit-learn.
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+    classes = sorted(set(true) | set(predicted))
+    recalls = recall_score(true, predicted, labels=classes, average=None, zero_division=0)
+    return {"accuracy": float(accuracy_score(true, predicted)),
+            "macro_f1": float(f1_score(true, predicted, average="macro")),
+            "per_class_recall": {str(c): float(r) for c, r in zip(classes, recalls, strict=True)}}
+
+
+def regression_metrics(true: np.ndarray, predicted: np.ndarray) -> dict:
+    """MAE, RMSE, R^2, Pearson r and Spearman rho of predictions against true values."""
+    from scipy.stats import pearsonr, spearmanr
+    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    error = predicted - true
+    total = np.sum((true - true.mean()) ** 2)
+    constant = np.ptp(true) == 0 or np.ptp(predicted) == 0  # correlation undefined
+    return {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error ** 2))),
+            "r2": float(1 - np.sum(error ** 2) / total) if total > 0 else math.nan,
+            "pearson_r": math.nan if constant else float(pearsonr(true, predicted)[0]),
+            "spearman_rho": math.nan if constant else float(spearmanr(true, predicted)[0])}
+
+
 # ----- training: distributed set-up ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -203,7 +286,7 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """Fused AdamW (0.9, 0.999); weight decay on conv and projection weights only, never norms and biases.
     Fused, because it can skip a non-finite update on the device (found_inf) without a host sync."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen parts stay out
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)

@@ -1,0 +1,220 @@
+"""finetune.py: the head learns what the features carry, padding is invisible, saved models predict what
+they predicted in training, freezing freezes, and user mistakes end in one sentence. Synthetic audio only."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import finetune
+import probe
+from model import UserError, Wav2Vec, Wav2VecConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TONE_LABELS = r"pattern:(?P<label>\d+)hz_(?P<speaker>[a-z]+)_\d+\.wav"
+
+
+def write_tone(path: Path, hz: float, seconds: float, rng: np.random.Generator) -> None:
+    t = np.arange(int(16000 * seconds)) / 16000
+    wav = 0.3 * np.sin(2 * np.pi * hz * t) + 0.01 * rng.standard_normal(len(t))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, wav.astype(np.float32), 16000)
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory) -> Path:
+    """Two pitches (the label) said by three 'speakers', of different lengths: a task with a known answer."""
+    folder = tmp_path_factory.mktemp("tones")
+    rng = np.random.default_rng(0)
+    for hz in (300, 1500):
+        for speaker in ("ann", "bob", "cy"):
+            for i in range(8):
+                write_tone(folder / f"{hz}hz_{speaker}_{i}.wav", hz * rng.uniform(0.95, 1.05),
+                           rng.uniform(0.2, 0.5), rng)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 32-channel base network in main.py's checkpoint format."""
+    torch.manual_seed(0)
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=32))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
+    return path
+
+
+def run(tmp_path: Path, data_dir: Path, *flags: str, checkpoint: str = "mfcc",
+        labels: str = TONE_LABELS) -> dict:
+    """finetune.py in this process; returns its metrics.json."""
+    out = tmp_path / "run"
+    finetune.main(["--checkpoint", checkpoint, "--data-dir", str(data_dir), "--labels", labels,
+                   "--output-dir", str(out), "--threads", "1", *flags])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def write_table(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path = folder / "labels.tsv"
+    path.write_text("path\tlabel\tspeaker\n" + "".join("\t".join(row) + "\n" for row in rows))
+    return path
+
+
+# ----- learning ----------------------------------------------------------------------------------
+
+def test_a_head_on_frozen_features_learns_a_task_with_a_known_answer(tmp_path, tones):
+    metrics = run(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--epochs", "20",
+                  "--batch-size", "8", "--lr", "1e-2")
+    assert metrics["evaluation"] == "leave-one-group-out" and metrics["n_tested"] == 48
+    assert metrics["accuracy"] >= 0.95
+    assert set(metrics["per_class_recall"]) == {"300", "1500"}
+
+
+def test_shuffled_labels_score_near_chance(tmp_path):
+    rng = np.random.default_rng(1)
+    shuffled = rng.permutation(np.repeat(list("abcd"), 20))  # four classes, independent of the audio
+    for i in range(80):
+        write_tone(tmp_path / "audio" / f"{i}.wav", rng.uniform(200, 2000), 0.25, rng)
+    labels = write_table(tmp_path / "audio", [(f"{i}.wav", shuffled[i], "x") for i in range(80)])
+    metrics = run(tmp_path, tmp_path / "audio", "--epochs", "20", "--folds", "4", labels=str(labels))
+    assert 0.05 < metrics["accuracy"] < 0.5  # chance is 0.25
+
+
+def test_regression_on_a_continuous_target_reaches_a_high_correlation(tmp_path):
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(60):
+        hz = rng.uniform(200, 2000)
+        write_tone(tmp_path / "audio" / f"{i}.wav", hz, 0.25, rng)
+        rows.append((f"{i}.wav", f"{hz:.1f}", "x"))
+    labels = write_table(tmp_path / "audio", rows)
+    metrics = run(tmp_path, tmp_path / "audio", "--task", "regress", "--epochs", "60", "--folds", "3",
+                  "--head", "mlp", labels=str(labels))
+    assert metrics["pearson_r"] > 0.9 and metrics["r2"] > 0.7
+    assert (tmp_path / "run" / "scatter.png").is_file()
+
+
+@pytest.mark.parametrize("how", ["mean", "mean+std", "attentive"])
+def test_padding_does_not_change_pooled_features(how):
+    torch.manual_seed(0)
+    pooling = finetune.Pooling(how, channels=6, hidden=4)
+    short, long = torch.randn(6, 5), torch.randn(6, 9)
+    padded, mask = finetune.pad_frames([short, long])  # short gets 4 frames of padding
+    padded[0, :, 5:] = 100.0  # whatever sits in the padding
+    alone, _ = finetune.pad_frames([short])
+    assert torch.allclose(pooling(padded, mask)[0], pooling(alone, torch.ones(1, 5, dtype=torch.bool))[0],
+                          atol=1e-6)
+
+
+# ----- saved models --------------------------------------------------------------------------------
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones, tiny_checkpoint):
+    run(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--max-folds", "1", "--epochs", "3",
+        "--layer", "all", "--pool", "attentive", checkpoint=str(tiny_checkpoint))
+    saved = finetune.read_checkpoint(tmp_path / "run" / "finetuned.pt")
+    trained = {row["path"]: row for row in read_csv(tmp_path / "run" / "predictions.csv")}
+    assert set(trained) == set(saved["test_files"])
+    output = tmp_path / "new.csv"
+    finetune.main(["predict", "--model", str(tmp_path / "run" / "finetuned.pt"), "--data-dir", str(tones),
+                   "--output", str(output)])
+    predicted = {row["path"]: row for row in read_csv(output) if row["path"] in trained}
+    assert set(predicted) == set(trained)
+    for name, row in predicted.items():
+        assert row["predicted"] == trained[name]["predicted"]
+        assert float(row["p_300"]) == pytest.approx(float(trained[name]["p_300"]), abs=1e-4)
+
+
+def test_finetuned_model_loads_with_weights_only_and_predicts_in_two_lines(tmp_path, tones):
+    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "2")
+    ckpt = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)
+    assert ckpt["head_config"]["labels"] == ["300", "1500"] and ckpt["args"]["epochs"] == 2
+    model = finetune.Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
+    prediction = model.predict(tones / "300hz_ann_0.wav")
+    assert prediction["label"] in ("300", "1500")
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0)
+
+
+def test_torch_hub_loads_a_classifier_and_a_pretrained_wav2vec(tmp_path, tones, tiny_checkpoint):
+    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "1")
+    classifier = torch.hub.load(str(REPO), "classifier", checkpoint=str(tmp_path / "run" / "finetuned.pt"),
+                                source="local")
+    wav2vec = torch.hub.load(str(REPO), "wav2vec", checkpoint=str(tiny_checkpoint), source="local")
+    assert isinstance(classifier, finetune.Classifier) and isinstance(wav2vec, Wav2Vec)
+    assert wav2vec.extract_features(torch.zeros(4000))["c"].shape[1] == 32
+
+
+def test_a_fairseq_checkpoint_is_a_backbone_too(tmp_path, tones):
+    fairseq = REPO / "tests" / "fixtures" / "fairseq_style_checkpoint_tiny.pt"
+    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "1", "--layer", "all",
+        checkpoint=str(fairseq))
+    model = finetune.Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
+    assert model.backbone.config.log_compression and model.layer_weights.shape == (12,)  # wav2vec large
+
+
+@pytest.mark.parametrize("freeze, frozen, trained", [("all", ("encoder", "context"), ()),
+                                                     ("encoder", ("encoder",), ("context",)),
+                                                     ("none", (), ("encoder", "context"))])
+def test_freezing_really_freezes(tmp_path, tones, tiny_checkpoint, freeze, frozen, trained):
+    # --augment turns the feature cache off, so the frozen parts run every update and only freezing
+    # keeps them as they were.
+    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--max-updates", "4", "--augment",
+        "--freeze", freeze, "--freeze-updates", "1", "--backbone-lr", "1e-2", "--warmup-updates", "0",
+        checkpoint=str(tiny_checkpoint))
+    before = torch.load(tiny_checkpoint, weights_only=True)["model"]
+    after = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)["model"]
+
+    def unchanged(part: str) -> bool:
+        return all(torch.equal(value, after[f"backbone.{key}"]) for key, value in before.items()
+                   if key.startswith(part))
+    assert all(unchanged(part) for part in frozen)
+    assert not any(unchanged(part) for part in trained)
+
+
+# ----- user errors ---------------------------------------------------------------------------------
+
+def test_one_class_is_a_clear_error(tmp_path, tones):
+    with pytest.raises(UserError, match="at least two classes"):
+        run(tmp_path, tones, labels=r"pattern:(?P<label>300)hz_.*\.wav")
+
+
+def test_files_outside_class_folders_are_a_clear_error(tmp_path):
+    write_tone(tmp_path / "audio" / "a.wav", 300, 0.2, np.random.default_rng(0))
+    with pytest.raises(UserError, match="sub-folder named after it"):
+        run(tmp_path, tmp_path / "audio", labels="folder")
+
+
+def test_non_numeric_labels_for_regression_are_a_clear_error(tmp_path, tones):
+    with pytest.raises(UserError, match="needs numeric labels.*hz_"):
+        run(tmp_path, tones, "--task", "regress", labels=r"pattern:(?P<label>\d+hz)_.*\.wav")
+
+
+def test_the_command_line_prints_one_line_and_exits_2(tmp_path, tones):
+    result = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--checkpoint", "mfcc", "--data-dir",
+                             str(tones), "--labels", "folder", "--output-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: None of the 48 audio files") and "Traceback" not in result.stderr
+
+
+# ----- probe.py --task regress -------------------------------------------------------------------
+
+@pytest.mark.parametrize("regressor", ["ridge", "hgb"])
+def test_probe_regression_scores_a_continuous_target(regressor):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 6))
+    y = 3 * X[:, 0] - 2 * X[:, 1] + 0.1 * rng.standard_normal(120)
+    examples = probe.Examples(X, y, np.arange(120))
+    _, splits = probe.folds(examples, 4, seed=0, regress=True)
+    result = probe.fit_and_score_regression(X, y, splits, regressor)
+    assert result["pearson_r"] > 0.9 and result["mae"] < 1.0
+    assert set(result) >= {"mae", "rmse", "r2", "pearson_r", "spearman_rho"}
