@@ -12,7 +12,9 @@ and --epochs, which set the cosine's length, stay the same.
 Optimisation: AdamW (0.9, 0.999), the gradient norm clipped to 5. The learning rate warms up linearly from
 about 0 over --warmup-updates (50), then follows a cosine down to --min-lr at --max-updates (or at the end
 of --epochs), or with --lr-schedule constant stays at --lr (the seed's schedule). fairseq's recipe for
-wav2vec large is --loss-type contrastive --lr 5e-3 --warmup-updates 500 --max-updates 400000 (fp16).
+wav2vec large, as flags here (README, *fairseq's large recipe*, lists what still differs): --model
+wav2vec_large --loss-type contrastive --segment-length 150000 --batch-size 10 --lr 5e-3 --warmup-updates 500
+--min-lr 1e-6 --max-updates 400000 --clip-norm 275 --precision fp16, on as many GPUs as fairseq used.
 
 The default objective is InfoNCE, not the paper's binary loss: from a random start the binary loss first
 falls to its collapsed value (every score equal); at 512 channels it sat there for about 300 updates
@@ -137,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Pre-train wav2vec 1.0 (Schneider et al. 2019) on a folder of unlabeled audio.",
         formatter_class=HelpFormatter,
-        epilog="fairseq's wav2vec large recipe: --model wav2vec_large --loss-type contrastive --lr 5e-3 "
-               "--warmup-updates 500 --max-updates 400000 --precision fp16. Multi-GPU: torchrun "
-               "--nproc_per_node N main.py ... (the batch size is per GPU).")
+        epilog="fairseq's wav2vec large recipe (per GPU; README lists what still differs): --model "
+               "wav2vec_large --loss-type contrastive --segment-length 150000 --batch-size 10 --lr 5e-3 "
+               "--warmup-updates 500 --min-lr 1e-6 --max-updates 400000 --clip-norm 275 --precision fp16. "
+               "Multi-GPU: torchrun --nproc_per_node N main.py ... (the batch size is per GPU).")
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", help="folder of audio files, searched recursively (wav flac mp3 ogg m4a)")
     data.add_argument("--demo", action="store_true",
