@@ -229,7 +229,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Wav2Vec:
 def peak_precision(device: torch.device, precision: str) -> str:
     """The arithmetic the step's convolutions (nearly all its FLOPs) run in: the precision to take the peak
     in. fp32 on CUDA means TF32 convolutions (configure_backends), whose peak is several times fp32's."""
-    if precision == "fp32" and device.type == "cuda" and torch.backends.cudnn.conv.fp32_precision == "tf32":
+    if precision == "fp32" and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return precision
 
@@ -240,9 +240,9 @@ def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: 
     dtype = PRECISIONS[precision] or torch.float32
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     matmul = torch.backends.cuda.matmul
-    saved, best = matmul.fp32_precision, math.inf
+    saved, best = matmul.allow_tf32, math.inf
     if peak_precision(device, precision) == "tf32":
-        matmul.fp32_precision = "tf32"  # only for this measurement: the objective's matmuls stay fp32
+        matmul.allow_tf32 = True  # only for this measurement: the objective's matmuls stay fp32
     try:
         for i in range(repeats + 2):
             synchronize(device)
@@ -252,7 +252,7 @@ def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: 
             if i >= 2:
                 best = min(best, time.perf_counter() - start)
     finally:
-        matmul.fp32_precision = saved
+        matmul.allow_tf32 = saved
     return 2 * size**3 / best
 
 

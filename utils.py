@@ -211,8 +211,8 @@ def configure_backends(device: torch.device, threads: int | None = None) -> None
     # The convolutions (nearly all the FLOPs) may round their inputs to TF32. The matmuls are the step
     # projections and the scores: TF32's ~5e-4 relative error there exceeds the accuracy's tie threshold
     # (1e-5), so under --precision fp32 the objective stays in true fp32.
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

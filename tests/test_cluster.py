@@ -53,19 +53,20 @@ def test_bf16_on_a_gpu_that_emulates_it_warns_to_use_fp16(monkeypatch, caplog):
 @pytest.fixture
 def backend_flags():
     """Give the next test back the process-wide backend flags."""
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.conv.fp32_precision,
-             torch.backends.cuda.matmul.fp32_precision, torch.get_num_threads())
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads())
     yield
-    (torch.backends.cudnn.benchmark, torch.backends.cudnn.conv.fp32_precision,
-     torch.backends.cuda.matmul.fp32_precision) = saved[:3]
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved[:3]
     torch.set_num_threads(saved[3])
 
 
 def test_on_cuda_convolutions_may_use_tf32_but_the_objectives_matmuls_stay_fp32(backend_flags):
-    torch.backends.cuda.matmul.fp32_precision = "tf32"  # as main.py used to set it
+    torch.backends.cuda.matmul.allow_tf32 = True  # as main.py used to set it
+    torch.backends.cudnn.allow_tf32 = False
     utils.configure_backends(torch.device("cuda"))
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"  # step projections and scores
-    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert not torch.backends.cuda.matmul.allow_tf32  # step projections and scores
+    assert torch.backends.cudnn.allow_tf32
     assert torch.backends.cudnn.benchmark
 
 
