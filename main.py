@@ -627,9 +627,11 @@ class Run:
 
     def flush_log(self) -> None:
         """Log the updates since the last log line, so that every checkpoint's history covers every update
-        (a run shorter than --log-every still has one: vis.py's loss curves)."""
+        (a run shorter than --log-every still has one: vis.py's loss curves). Never raises: the save
+        that follows must happen; the non-finite streak is checked at the next log line."""
         if self.log.updates.count:
-            self.write_log()
+            progress = self.progress
+            self.log.write_train(progress.step, progress.epoch, self.last_lr, self.scaler.get_scale())
 
     def save(self, *names: str) -> None:
         """Write the checkpoint under each name in the output folder, atomically (rank 0 only)."""
