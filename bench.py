@@ -1,18 +1,20 @@
 """Benchmarks, one per --what: each times its work over several repeats after a warm-up, reports the median.
 
-    python bench.py --what train|extract [--preset wav2vec] [--channels 512] [--batch-size 4]
+    python bench.py --what train|extract [--model wav2vec] [--channels 512] [--batch-size 4]
                     [--segment-length 32000] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda]
                     [--compile] [--data-dir DIR] [--repeats 5] [--warmup 2] --json OUT.json
     python bench.py --what loader --data-dir DIR [--segment-length 32000] [--batch-size 8] [--num-workers 0]
-                    [--packed DIR_FOR_PACKED] [--batches 50] [--repeats 5] --json OUT.json
+                    [--packed-dir DIR_FOR_PACKED] [--batches 50] [--repeats 5] --json OUT.json
     python bench.py --what stream [--hops 1000] [--warmup 2] [--data-dir CALIBRATION_AUDIO] --json OUT.json
 
 train: one full training step as main.py takes it (forward with freshly sampled distractors, loss, backward,
 gradient clipping, AdamW; autocast, and a GradScaler for fp16). extract: model.extract_features under
-autocast. Both run on random waveforms, or on real training batches with --data-dir; they report seconds per
-step, audio seconds per wall-clock second, and the model FLOP utilisation (MFU): analytic FLOPs per second
-over the peak of a square matmul measured on the same device and precision. train with --data-dir also runs
-the loader benchmark and says whether the loader keeps up with the step.
+autocast. Both set the backend flags as main.py does (utils.configure_backends: cuDNN autotuning, TF32
+convolutions and fp32 matmuls on CUDA) and run on random waveforms, or on real training batches with
+--data-dir; they report seconds per step, audio seconds per wall-clock second, and the model FLOP
+utilisation (MFU): analytic FLOPs per second over the peak of a square matmul measured on the same device in
+the precision the convolutions use (TF32 for fp32 on CUDA, where nearly all FLOPs are convolutions). train
+with --data-dir also runs the loader benchmark and says whether the loader keeps up with the step.
 
 stream: one 10 ms hop at a time on one CPU thread, for the tiny and base layouts with per-frame LayerNorm:
 PyTorch (model.streamer() and the traced TorchScript step, fp32) and ONNX Runtime (the step graph of
@@ -20,7 +22,7 @@ export.py --streaming, fp32 and int8);
 per-hop latency (median, p99), real-time factor, parameters, MACs per second, state and activation bytes.
 
 loader: training batches exactly as main.py draws them (random crops, EpochSampler, make_loader), decoded on
-the fly or, with --packed, sliced from a packed 16 kHz corpus (prepared there on first use). Reports audio
+the fly or, with --packed-dir, sliced from a packed 16 kHz corpus (prepared there on first use). Reports audio
 seconds delivered per wall-clock second, in all and per worker process (max(1, num_workers)): how many
 workers keep a given model fed.
 """
@@ -44,6 +46,7 @@ import torch
 
 import ondevice
 from data import (
+    DEFAULT_CACHE_DIR,
     SAMPLE_RATE,
     CropDataset,
     EpochSampler,
@@ -57,6 +60,7 @@ from utils import (
     PRECISIONS,
     autocast_context,
     build_optimizer,
+    configure_backends,
     make_grad_scaler,
     optimizer_step,
     resolve_device,
@@ -81,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--json", type=Path, help="also write the results to this JSON file")
     what.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs, sampler and crops")
     model = parser.add_argument_group("model (train, extract)")
-    model.add_argument("--preset", choices=sorted(PRESETS), default="wav2vec", help="model configuration")
+    model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
+                       help="model configuration (main.py's --model)")
     model.add_argument("--channels", type=int, default=512, help="width of every convolution")
     model.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                        help="fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)")
@@ -92,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", type=Path,
                       help="folder of audio, searched recursively (train/extract: real batches, not randn)")
-    data.add_argument("--cache-dir", type=Path,
-                      help="where the manifest goes (default: the data folder, else ~/.cache/wav2vec)")
-    data.add_argument("--packed", type=Path,
+    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                      help="where the manifest of --data-dir goes (main.py's --cache-dir)")
+    data.add_argument("--packed-dir", type=Path,
                       help="read crops from a packed 16 kHz corpus in this folder (made on first use)")
     data.add_argument("--segment-length", type=int, default=32000, help="samples per crop at 16 kHz")
     data.add_argument("--pad-short", action="store_true", help="zero-pad files shorter than a crop, not skip")
@@ -133,8 +138,8 @@ def training_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor], 
     entries = build_manifest(args.data_dir, args.cache_dir)
     options = dict(segment_length=args.segment_length, train=True, transforms=args.use_transforms,
                    pad_short=args.pad_short, seed=args.seed)
-    if args.packed is not None:
-        dataset = PackedCropDataset(prepare_packed_corpus(args.data_dir, entries, args.packed), **options)
+    if args.packed_dir is not None:
+        dataset = PackedCropDataset(prepare_packed_corpus(args.data_dir, entries, args.packed_dir), **options)
     else:
         dataset = CropDataset(args.data_dir, entries, **options)
     sampler = EpochSampler(len(dataset), shuffle=True, seed=args.seed)
@@ -159,7 +164,7 @@ def bench_loader(args: argparse.Namespace) -> dict:
     median = statistics.median(speeds)
     return {
         "what": "loader",
-        "source": "packed" if args.packed is not None else "on the fly",
+        "source": "packed" if args.packed_dir is not None else "on the fly",
         "data_dir": str(args.data_dir),
         "files": len(dataset),
         "segment_length": args.segment_length,
@@ -224,28 +229,43 @@ def model_inputs(args: argparse.Namespace, device: torch.device) -> tuple[list[t
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> Wav2Vec:
-    """A freshly initialised model of --preset and --channels on `device`."""
+    """A freshly initialised model of --model and --channels on `device`, with main.py's backend flags."""
+    configure_backends(device)
     torch.manual_seed(args.seed)
-    model = Wav2Vec(Wav2VecConfig.preset(args.preset, channels=args.channels)).to(device)
+    model = Wav2Vec(Wav2VecConfig.preset(args.model, channels=args.channels)).to(device)
     if model.num_frames(args.segment_length) < 2:
         raise UserError(f"--segment-length {args.segment_length} gives fewer than 2 frames; "
                         f"use at least {model.receptive_field + model.config.stride} samples.")
     return model
 
 
+def peak_precision(device: torch.device, precision: str) -> str:
+    """The arithmetic the step's convolutions (nearly all its FLOPs) run in: the precision to take the peak
+    in. fp32 on CUDA means TF32 convolutions (configure_backends), whose peak is several times fp32's."""
+    if precision == "fp32" and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return precision
+
+
 def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: int = 10) -> float:
-    """FLOP/s of the fastest of `repeats` square (size x size) matmuls in the precision's dtype, after a
-    warm-up: the practical peak an MFU is measured against."""
+    """FLOP/s of the fastest of `repeats` square (size x size) matmuls in peak_precision, after a warm-up:
+    the practical peak an MFU is measured against."""
     dtype = PRECISIONS[precision] or torch.float32
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    best = math.inf
-    for i in range(repeats + 2):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - start)
+    matmul = torch.backends.cuda.matmul
+    saved, best = matmul.allow_tf32, math.inf
+    if peak_precision(device, precision) == "tf32":
+        matmul.allow_tf32 = True  # only for this measurement: the objective's matmuls stay fp32
+    try:
+        for i in range(repeats + 2):
+            synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            if i >= 2:
+                best = min(best, time.perf_counter() - start)
+    finally:
+        matmul.allow_tf32 = saved
     return 2 * size**3 / best
 
 
@@ -259,7 +279,7 @@ def step_report(args: argparse.Namespace, device: torch.device, seconds: list[fl
     achieved = flops_per_step / median
     return {
         "what": args.what,
-        "preset": args.preset,
+        "model": args.model,
         "channels": args.channels,
         "batch_size": args.batch_size,
         "segment_length": args.segment_length,
@@ -279,6 +299,7 @@ def step_report(args: argparse.Namespace, device: torch.device, seconds: list[fl
         "flops_method": flops_method,
         "achieved_flops_per_second": round(achieved),
         "matmul_size": size,
+        "peak_precision": peak_precision(device, args.precision),
         "matmul_peak_flops_per_second": round(peak),
         "mfu": round(achieved / peak, 3),
         "mfu_at_fastest_step": round(flops_per_step / min(seconds) / peak, 3),  # the CPU may be shared

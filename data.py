@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
@@ -292,12 +293,22 @@ def _read_manifest(path: Path) -> dict[str, ManifestEntry]:
     return {e.path: e for e in entries}
 
 
+def temporary_beside(path: Path) -> Path:
+    """A new empty file in path's folder, for writing `path` atomically (write it, then os.replace). Its
+    name is unique even among processes on several machines that share the folder (O_EXCL), unlike a
+    fixed name or one made from the process id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    open(tmp, "x").close()  # the umask's permissions, unlike tempfile.mkstemp's 0600
+    return tmp
+
+
 def _write_manifest(entries: Sequence[ManifestEntry], locations: Sequence[Path]) -> Path | None:
     """Write to the first location that accepts it (atomically: concurrent runs never read half a file)."""
     for path in locations:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temporary_beside(path)
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f, delimiter="\t", lineterminator="\n")
                 writer.writerow(MANIFEST_COLUMNS)
@@ -306,7 +317,8 @@ def _write_manifest(entries: Sequence[ManifestEntry], locations: Sequence[Path])
             return path
         except OSError as error:
             logger.debug("Cannot write the manifest to %s: %s", path, error)
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
     return None
 
 
@@ -502,7 +514,7 @@ def _read_packed_index(packed_dir: Path) -> dict | None:
     try:
         with open(packed_dir / PACKED_INDEX) as f:
             return json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -516,10 +528,13 @@ def prepare_packed_corpus(data_dir: Path | str, entries: Sequence[ManifestEntry]
     if index is not None and index.get("sources") == sources:
         logger.info("Reusing the packed corpus in %s (%d files).", out_dir, len(index["items"]))
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before any decoding, so an unwritable folder costs no time
+        tmp = temporary_beside(out_dir / PACKED_AUDIO)
+    except OSError as err:
+        raise UserError(f"Cannot write the packed corpus to {out_dir} ({err.strerror or err}): choose a "
+                        "writable folder (--packed-dir).") from None
     (out_dir / PACKED_INDEX).unlink(missing_ok=True)  # no index until the audio beside it is complete
     items, offset = [], 0
-    tmp = out_dir / f".{PACKED_AUDIO}.tmp"
     with open(tmp, "wb") as f:
         for entry in tqdm(entries, desc="packing audio", unit="file"):
             try:
@@ -535,9 +550,10 @@ def prepare_packed_corpus(data_dir: Path | str, entries: Sequence[ManifestEntry]
         tmp.unlink()
         raise UserError(f"None of the {len(entries)} files under {data_dir} could be read; nothing to pack.")
     os.replace(tmp, out_dir / PACKED_AUDIO)
-    with open(out_dir / f".{PACKED_INDEX}.tmp", "w") as f:
+    tmp = temporary_beside(out_dir / PACKED_INDEX)
+    with open(tmp, "w") as f:
         json.dump({"sample_rate": SAMPLE_RATE, "dtype": "<i2", "items": items, "sources": sources}, f)
-    os.replace(out_dir / f".{PACKED_INDEX}.tmp", out_dir / PACKED_INDEX)
+    os.replace(tmp, out_dir / PACKED_INDEX)
     logger.info("Packed %d files, %.2f h at 16 kHz, into %s (%d unreadable, skipped).",
                 len(items), offset / SAMPLE_RATE / 3600, out_dir, len(entries) - len(items))
     return out_dir

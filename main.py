@@ -14,7 +14,9 @@ same; with other batch flags or another number of processes it continues after t
 Optimisation: AdamW (0.9, 0.999), the gradient norm clipped to 5. The learning rate warms up linearly from
 about 0 over --warmup-updates (50), then follows a cosine down to --min-lr at --max-updates (or at the end
 of --epochs), or with --lr-schedule constant stays at --lr (the seed's schedule). fairseq's recipe for
-wav2vec large is --loss-type contrastive --lr 5e-3 --warmup-updates 500 --max-updates 400000 (fp16).
+wav2vec large, as flags here (README, *fairseq's large recipe*, lists what still differs): --model
+wav2vec_large --loss-type contrastive --segment-length 150000 --batch-size 10 --lr 5e-3 --warmup-updates 500
+--min-lr 1e-6 --max-updates 400000 --clip-norm 275 --precision fp16, on as many GPUs as fairseq used.
 
 The default objective is InfoNCE, not the paper's binary loss: from a random start the binary loss first
 falls to its collapsed value (every score equal); at 512 channels it sat there for about 300 updates
@@ -41,6 +43,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import (
+    DEFAULT_CACHE_DIR,
+    PACKED_INDEX,
     SAMPLE_RATE,
     CropDataset,
     EpochSampler,
@@ -64,6 +68,7 @@ from utils import (
     build_optimizer,
     capture_rng_state,
     config_differences,
+    configure_backends,
     derived_seed,
     ensure_writable_dir,
     fast_precision,
@@ -97,6 +102,8 @@ DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000,
                      max_updates=400, lr=2e-3, warmup_updates=40, num_workers=0, threads=1, log_every=10,
                      valid_fraction=0.05)
 COLLAPSE_UPDATES = 300  # updates at the collapsed loss before the run warns (escapes took 50-300)
+# Above this share of an interval's wall time spent waiting for batches, the loader is the bottleneck.
+LOADER_BOUND_SHARE = 0.2
 MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run diverged: stop it
 VALID_SEED_KEY = 1 << 30  # distractor seeds for validation batches, apart from the training steps'
 # What a resumed run cannot change: the model's shape and objective (the weights are for them), and the
@@ -124,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Pre-train wav2vec 1.0 (Schneider et al. 2019) on a folder of unlabeled audio.",
         formatter_class=HelpFormatter,
-        epilog="fairseq's wav2vec large recipe: --model wav2vec_large --loss-type contrastive --lr 5e-3 "
-               "--warmup-updates 500 --max-updates 400000 --precision fp16. Multi-GPU: torchrun "
-               "--nproc_per_node N main.py ... (the batch size is per GPU).")
+        epilog="fairseq's wav2vec large recipe (per GPU; README lists what still differs): --model "
+               "wav2vec_large --loss-type contrastive --segment-length 150000 --batch-size 10 --lr 5e-3 "
+               "--warmup-updates 500 --min-lr 1e-6 --max-updates 400000 --clip-norm 275 --precision fp16. "
+               "Multi-GPU: torchrun --nproc_per_node N main.py ... (the batch size is per GPU).")
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", help="folder of audio files, searched recursively (wav flac mp3 ogg m4a)")
     data.add_argument("--demo", action="store_true",
@@ -136,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--packed-dir",
                       help="decode the corpus once into this folder (16 kHz int16 memmap) and read crops "
                            "from there: faster for compressed or resampled audio")
+    data.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
+                      help="where the manifest (the cached scan of --data-dir) goes; never the data folder")
     data.add_argument("--sample-rate", type=int, default=SAMPLE_RATE,
                       help="the model's rate; audio at other rates is resampled to it: only 16000 is valid")
     data.add_argument("--segment-length", type=positive_int, default=32000,
@@ -337,7 +347,7 @@ def build_loaders(args: argparse.Namespace, ddp: Distributed) -> tuple[DataLoade
     with main_process_first(ddp):  # rank 0 writes the manifest cache and packed corpus, the others read them
         if args.demo:
             ensure_demo_corpus(Path(args.data_dir))
-        entries = build_manifest(args.data_dir)
+        entries = build_manifest(args.data_dir, args.cache_dir)
         if args.packed_dir:
             prepare_packed_corpus(args.data_dir, entries, args.packed_dir)
     train_entries, valid_entries = split_manifest(entries, args.valid_fraction)
@@ -496,9 +506,10 @@ class TrainingLog:
     history. Metrics stay tensors on the device until a log interval; only rank 0 writes."""
 
     def __init__(self, output_dir: Path, progress: Progress, total_updates: int, audio_per_update: float,
-                 collapse: CollapseWatch, ddp: Distributed):
+                 collapse: CollapseWatch, ddp: Distributed, loader_remedy: str = ""):
         self.history, self.is_main, self.device = progress.history, ddp.is_main, ddp.device
         self.collapse = collapse
+        self.loader_remedy, self.loader_warned, self.intervals = loader_remedy, False, 0
         self.audio_per_update = audio_per_update  # seconds of audio in one update, over all ranks
         self.writer = SummaryWriter(output_dir / "tensorboard", purge_step=progress.step + 1) \
             if ddp.is_main else None
@@ -510,8 +521,22 @@ class TrainingLog:
         self.restart_clock(progress.step)
 
     def restart_clock(self, step: int) -> None:
-        """Throughput counts from here, leaving out validation and checkpoint time."""
-        self.clock_step, self.clock = step, time.perf_counter()
+        """Throughput and the data wait count from here, leaving out validation and checkpoint time."""
+        self.clock_step, self.clock, self.data_wait = step, time.perf_counter(), 0.0
+
+    def add_data_wait(self, seconds: float) -> None:
+        """Time the loop spent blocked on the loader for the next batch (this rank's)."""
+        self.data_wait += seconds
+
+    def loader_warning(self, wait_share: float, updates: int) -> str | None:
+        """The warning, once, when the loop waited for data more than LOADER_BOUND_SHARE of an interval.
+        The first interval is left out: it includes the loader workers' start-up."""
+        self.intervals += 1
+        if self.loader_warned or self.intervals == 1 or wait_share <= LOADER_BOUND_SHARE:
+            return None
+        self.loader_warned = True
+        return (f"The updates waited for data {wait_share:.0%} of the time over the last {updates}: the "
+                f"loader is the bottleneck, not the model. {self.loader_remedy}")
 
     def add_micro_batch(self, loss: torch.Tensor, metrics: dict) -> None:
         self.micro_batches.add(loss=loss, loss_bits=metrics["loss_bits"], accuracy=metrics["accuracy"],
@@ -531,19 +556,22 @@ class TrainingLog:
         self.skipped += round((1 - updates["finite"]) * updates_done)
         seconds = max(1e-9, time.perf_counter() - self.clock)
         rate = (step - self.clock_step) * self.audio_per_update / seconds
+        wait_share = min(1.0, self.data_wait / seconds)
         self.restart_clock(step)
         entry = {"step": step, "epoch": epoch, "loss": means["loss"], "loss_bits": means["loss_bits"],
                  "accuracy": means["accuracy"], "accuracy_per_step": means["accuracy_per_step"], "lr": lr}
         self.history["train"].append(entry)
         if not self.is_main:
             return
-        warning = self.collapse.add(step, entry["loss"], updates_done)
-        if warning:
-            log.warning(warning)
+        for warning in (self.collapse.add(step, entry["loss"], updates_done),
+                        self.loader_warning(wait_share, updates_done)):
+            if warning:
+                log.warning(warning)
         grad_norm = updates["grad_norm"] / updates["finite"] if updates["finite"] else math.nan
         scalars = {"train/loss_bits": entry["loss_bits"], "train/accuracy": entry["accuracy"], "train/lr": lr,
                    "train/grad_norm": grad_norm, "train/loss_scale": loss_scale,
-                   "train/skipped_updates": self.skipped, "speed/audio_seconds_per_second": rate}
+                   "train/skipped_updates": self.skipped, "speed/audio_seconds_per_second": rate,
+                   "speed/data_wait_share": wait_share}
         for k, accuracy in enumerate(entry["accuracy_per_step"]):
             scalars[f"train_accuracy_per_step/k{k + 1:02d}"] = accuracy
         if self.device.type == "cuda":
@@ -554,8 +582,9 @@ class TrainingLog:
         self.bar.set_postfix(loss_bits=f"{entry['loss_bits']:.3f}", acc=f"{entry['accuracy']:.3f}",
                              lr=f"{lr:.2e}", audio_s_per_s=f"{rate:.1f}")
         log.info("step %d epoch %d | loss %.4f (%.3f bits) | accuracy %.3f | lr %.2e | grad norm %.3f | "
-                 "loss scale %g | %.1f audio-s/s | skipped %d", step, epoch, entry["loss"],
-                 entry["loss_bits"], entry["accuracy"], lr, grad_norm, loss_scale, rate, self.skipped)
+                 "loss scale %g | %.1f audio-s/s | data wait %.0f%% | skipped %d", step, epoch, entry["loss"],
+                 entry["loss_bits"], entry["accuracy"], lr, grad_norm, loss_scale, rate, 100 * wait_share,
+                 self.skipped)
 
     def write_valid(self, step: int, epoch: int, means: dict, is_best: bool) -> None:
         self.history["valid"].append({"step": step, "epoch": epoch, "loss": means["loss"],
@@ -628,6 +657,13 @@ class Run:
     def __post_init__(self) -> None:
         self.generator = torch.Generator(self.ddp.device)
 
+    def next_batch(self, batches: Iterator[torch.Tensor]) -> torch.Tensor | None:
+        """next_batch, timing how long the loop waits for the loader (the data-wait share in the log)."""
+        start = time.perf_counter()
+        wav = next_batch(batches, self.ddp.device)
+        self.log.add_data_wait(time.perf_counter() - start)
+        return wav
+
     def update(self, wav: torch.Tensor, batches: Iterator[torch.Tensor]) -> torch.Tensor | None:
         """One optimizer update over --accumulate-steps micro-batches, the first being wav (B, L); returns
         the batch that follows them, loaded while the device computed."""
@@ -643,7 +679,7 @@ class Run:
             with self.trained.no_sync() if no_sync else nullcontext():
                 with self.autocast:
                     loss, metrics = self.trained(wav, negatives, cross)
-                wav = next_batch(batches, ddp.device)  # load the next batch while the device computes
+                wav = self.next_batch(batches)  # load the next batch while the device computes
                 self.scaler.scale(loss / accumulate).backward()
             loss_sum += loss.detach()
             self.log.add_micro_batch(loss.detach(), metrics)
@@ -671,8 +707,17 @@ class Run:
         if self.log.nonfinite_streak >= MAX_NONFINITE_UPDATES:
             raise UserError(self.diverged_message())
 
+    def flush_log(self) -> None:
+        """Log the updates since the last log line, so that every checkpoint's history covers every update
+        (a run shorter than --log-every still has one: vis.py's loss curves). Never raises: the save
+        that follows must happen; the non-finite streak is checked at the next log line."""
+        if self.log.updates.count:
+            progress = self.progress
+            self.log.write_train(progress.step, progress.epoch, self.last_lr, self.scaler.get_scale())
+
     def save(self, *names: str) -> None:
         """Write the checkpoint under each name in the output folder, atomically (rank 0 only)."""
+        self.flush_log()
         self.clock.tick()  # the checkpoint's training time includes the validation just done
         if self.ddp.is_main:
             payload = checkpoint_payload(self.model, self.optimizer, self.scheduler, self.scaler,
@@ -686,6 +731,7 @@ class Run:
 
     def validate_and_save(self, epoch_done: bool) -> None:
         """Validate, keep best_model.pt for the lowest validation loss, and save latest.pt."""
+        self.flush_log()  # before validation, so that its time does not count as training throughput
         names, progress = ["latest.pt"], self.progress
         if self.valid_loader is not None:
             means = validate(self.model, self.valid_loader, self.autocast, self.args.seed, self.ddp)
@@ -716,6 +762,8 @@ def prepare_output_dir(args: argparse.Namespace, ddp: Distributed) -> Path:
     out = Path(args.output_dir)
     if ddp.is_main:
         ensure_writable_dir(out)
+        if args.packed_dir and not (Path(args.packed_dir) / PACKED_INDEX).is_file():  # it will be packed
+            ensure_writable_dir(Path(args.packed_dir), "--packed-dir", "the packed-corpus folder")
     setup_logging(out / "train.log" if ddp.is_main else None,
                   logging.INFO if ddp.is_main else logging.WARNING)
     if ddp.is_main and not args.resume and (out / "latest.pt").exists():
@@ -724,16 +772,20 @@ def prepare_output_dir(args: argparse.Namespace, ddp: Distributed) -> Path:
     return out
 
 
+def loader_remedy(args: argparse.Namespace) -> str:
+    """What to change when the loader cannot keep up, given the run's flags."""
+    remedies = [] if args.packed_dir else ["--packed-dir DIR (decode the corpus once, then slice it)"]
+    remedies.append(f"more --num-workers (now {args.num_workers}; about one per 2,600 audio-s/s decoded on "
+                    "the fly)")
+    return f"Use {' and '.join(remedies)}, or a larger --batch-size per update."
+
+
 def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     """Data, model, optimizer, schedule and loss scale, restored from latest.pt with --resume."""
     out = prepare_output_dir(args, ddp)
     for warning in flag_warnings(args) if ddp.is_main else []:
         log.warning(warning)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if ddp.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # every crop has the same length
+    configure_backends(ddp.device, args.threads)
     train_loader, valid_loader = build_loaders(args, ddp)
     updates_per_epoch = len(train_loader) // args.accumulate_steps
     total_updates = min(args.max_updates or math.inf, args.epochs * updates_per_epoch)
@@ -765,7 +817,8 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
              args.segment_length, total_updates)
     audio_per_update = (args.batch_size * args.accumulate_steps * ddp.world_size * args.segment_length
                         / SAMPLE_RATE)
-    training_log = TrainingLog(out, progress, total_updates, audio_per_update, CollapseWatch(model), ddp)
+    training_log = TrainingLog(out, progress, total_updates, audio_per_update, CollapseWatch(model), ddp,
+                               loader_remedy(args))
     saved = [(out / "latest.pt", progress.step)] if args.resume else []
     clock = TrainingClock(progress, args.max_minutes, args.save_every_minutes)
     return Run(args, ddp, out, model, trained, optimizer, scheduler, scaler,
@@ -786,7 +839,7 @@ def train_loop(run: Run, stop: StopRequest) -> None:
         left = len(run.train_loader) // args.accumulate_steps  # updates left in this epoch
         if left:
             batches = iter(run.train_loader)
-            wav = next_batch(batches, run.ddp.device)
+            wav = run.next_batch(batches)
         while left and progress.step < run.total_updates:
             wav = run.update(wav, batches)
             left -= 1

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,10 @@ def regression_metrics(true: np.ndarray, predicted: np.ndarray) -> dict:
 
 # ----- training: distributed set-up ---------------------------------------------------------------
 
+# Packing a large corpus before training can take hours; the other ranks wait this long for it (on gloo).
+SETUP_TIMEOUT = timedelta(hours=12)
+
+
 @dataclass(frozen=True)
 class Distributed:
     """Where this process sits in a torchrun job; rank 0 of 1 when started without torchrun."""
@@ -199,7 +204,9 @@ class Distributed:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    cpu_group: object = None  # a gloo group for host-side votes (e.g. stop now?) that must not touch the GPU
+    # A gloo group for host-side waits and votes (set-up barriers, stop now?) that must not touch the GPU
+    # or run into NCCL's 10-minute watchdog; None in a single process.
+    cpu_group: object = None
 
     @property
     def enabled(self) -> bool:
@@ -221,7 +228,7 @@ def setup_distributed(device_name: str = "auto") -> Distributed:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
-    cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    cpu_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
     return Distributed(rank, local_rank, world_size, device, cpu_group)
 
 
@@ -233,12 +240,18 @@ def teardown_distributed() -> None:
 
 @contextlib.contextmanager
 def main_process_first(ddp: Distributed) -> Iterator[None]:
-    """Rank 0 runs the block first (writing caches, a demo corpus), then the other ranks (reading them)."""
-    if ddp.enabled and not ddp.is_main:
-        dist.barrier()
+    """Rank 0 runs the block first (writing caches, a packed corpus, a demo corpus), then local rank 0 of
+    every other node (reusing them on a shared disk, making its own without one), then all other ranks.
+    The waits are barriers on the gloo group with SETUP_TIMEOUT, never inside an NCCL collective."""
+    if not ddp.enabled:
+        yield
+        return
+    turn = 0 if ddp.is_main else 1 if ddp.local_rank == 0 else 2
+    for _ in range(turn):
+        dist.barrier(group=ddp.cpu_group)
     yield
-    if ddp.enabled and ddp.is_main:
-        dist.barrier()
+    for _ in range(2 - turn):
+        dist.barrier(group=ddp.cpu_group)
 
 
 def any_rank(flags: tuple[bool, ...], ddp: Distributed) -> tuple[bool, ...]:
@@ -264,19 +277,42 @@ def cpu_has_half_instructions(precision: str) -> bool:
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks[precision])
 
 
+def cuda_has_bf16_hardware(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 in hardware (compute capability 8.0+, Ampere on). Not
+    torch.cuda.is_bf16_supported(), which by default counts emulation and says True on a T4 or V100."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def fast_precision(device: torch.device) -> str:
     """bf16 where the device computes it in hardware, fp32 elsewhere."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_has_bf16_hardware(device) else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_half_instructions("bf16") else "fp32"
+
+
+def configure_backends(device: torch.device, threads: int | None = None) -> None:
+    """The backend flags of a training step, set the same way by main.py and bench.py: CPU threads, and on
+    CUDA cuDNN autotuning with TF32 convolutions while matmuls stay in true fp32."""
+    set_threads(threads)
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True  # every crop has the same length: autotune each conv once
+    # The convolutions (nearly all the FLOPs) may round their inputs to TF32. The matmuls are the step
+    # projections and the scores: TF32's ~5e-4 relative error there exceeds the accuracy's tie threshold
+    # (1e-5), so under --precision fp32 the objective stays in true fp32.
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The one mixed-precision context of a run: nullcontext for fp32, autocast to fp16 or bf16 otherwise."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("This GPU has no bf16 support: use --precision fp16 (or fp32).")
+    if precision == "bf16" and device.type == "cuda" and not cuda_has_bf16_hardware(device):
+        if not torch.cuda.is_bf16_supported():
+            raise UserError("This GPU has no bf16 support: use --precision fp16 (or fp32).")
+        log.warning("This GPU (compute capability %d.%d) has no bf16 hardware, so bf16 runs emulated and "
+                    "slower than fp16: use --precision fp16 here.", *torch.cuda.get_device_capability(device))
     if device.type == "cpu" and not cpu_has_half_instructions(precision):
         log.warning("This CPU has no %s instructions, so %s runs emulated and far slower than fp32: "
                     "use --precision fp32 here.", precision, precision)
@@ -451,14 +487,14 @@ def fraction(text: str) -> float:
 
 # ----- outputs: checked before the work starts -----------------------------------------------------
 
-def ensure_writable_dir(folder: Path, flag: str = "--output-dir") -> None:
+def ensure_writable_dir(folder: Path, flag: str = "--output-dir", what: str = "the output folder") -> None:
     """Create `folder` and check that a file can be written in it, before any time is spent computing."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise UserError(f"Cannot write to the output folder {folder} ({err.strerror or err}): "
+        raise UserError(f"Cannot write to {what} {folder} ({err.strerror or err}): "
                         f"choose a writable {flag}.") from None
 
 

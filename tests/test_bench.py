@@ -15,9 +15,9 @@ from model import Wav2Vec, Wav2VecConfig, sample_distractors
 from utils import autocast_context, build_optimizer, make_grad_scaler
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "wav2vec", "--channels", "16", "--batch-size", "2", "--segment-length", "4000",
+TINY = ["--model", "wav2vec", "--channels", "16", "--batch-size", "2", "--segment-length", "4000",
         "--repeats", "1", "--warmup", "0", "--matmul-size", "128", "--device", "cpu"]
-REPORTED = ("what", "preset", "channels", "batch_size", "segment_length", "precision", "device",
+REPORTED = ("what", "model", "channels", "batch_size", "segment_length", "precision", "device",
             "seconds_per_step_median", "seconds_per_step_min", "seconds_per_step_max",
             "audio_seconds_per_second", "real_time_factor", "flops_per_step", "flops_method",
             "achieved_flops_per_second", "matmul_peak_flops_per_second", "mfu", "torch_version", "threads")

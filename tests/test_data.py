@@ -437,3 +437,25 @@ def test_the_demo_corpus_is_deterministic_and_labelled(tmp_path):
         frames = np.load(first / f.with_suffix(".frames.npy"))
         assert len(frames) == sf.info(first / f).frames // 160 == 100
         assert frames.min() >= 0 and frames.max() < len(names) and len(set(frames.tolist())) > 1
+
+
+def test_packing_leaves_the_temporary_files_of_other_processes_alone(tmp_path):
+    # Another node packing into the same shared folder: its half-written file must survive ours.
+    make_demo_corpus(tmp_path / "audio", num_speakers=1, files_per_speaker=2, seconds_per_file=1.0)
+    entries = build_manifest(tmp_path / "audio", cache_dir=tmp_path / "cache")
+    others = [tmp_path / "packed" / ".audio.int16.tmp", tmp_path / "packed" / ".index.json.tmp"]
+    for other in others:
+        other.parent.mkdir(exist_ok=True)
+        other.write_bytes(b"another process")
+    prepare_packed_corpus(tmp_path / "audio", entries, tmp_path / "packed")
+    assert [other.read_bytes() for other in others] == [b"another process"] * 2
+    assert len(PackedCropDataset(tmp_path / "packed", segment_length=4000)) == 2
+
+
+def test_an_unwritable_packed_folder_is_a_clear_error_before_any_decoding(tmp_path, monkeypatch):
+    make_demo_corpus(tmp_path / "audio", num_speakers=1, files_per_speaker=2, seconds_per_file=1.0)
+    entries = build_manifest(tmp_path / "audio", cache_dir=tmp_path / "cache")
+    (tmp_path / "file").write_text("")  # a folder under a file cannot be made, even by root
+    monkeypatch.setattr(data, "load_audio", None)  # decoding anything would raise a TypeError
+    with pytest.raises(UserError, match="Cannot write the packed corpus.*--packed-dir"):
+        prepare_packed_corpus(tmp_path / "audio", entries, tmp_path / "file" / "packed")

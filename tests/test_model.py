@@ -35,6 +35,15 @@ def test_parameter_count_of_presets_at_512_channels(preset, expected):
     assert Wav2Vec(Wav2VecConfig.preset(preset)).num_parameters() == expected
 
 
+def test_each_step_projection_is_xavier_over_its_own_matrix():
+    model = tiny()
+    c_out, c_in = model.predictions.weight.shape[1:]
+    bound = math.sqrt(6 / (c_in + c_out))  # Xavier uniform for one C_z x C matrix
+    for w in model.predictions.weight:
+        assert 0.9 * bound < w.abs().max().item() <= bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
 def test_auto_offset_is_receptive_field_over_stride():
     config = Wav2VecConfig.preset("wav2vec")
     assert (config.receptive_field, config.stride, config.resolved_offset) == (465, 160, 3)
