@@ -35,13 +35,15 @@ def test_parameter_count_of_presets_at_512_channels(preset, expected):
     assert Wav2Vec(Wav2VecConfig.preset(preset)).num_parameters() == expected
 
 
-def test_each_step_projection_is_xavier_over_its_own_matrix():
+def test_step_projections_start_small_with_the_documented_bound():
     model = tiny()
-    c_out, c_in = model.predictions.weight.shape[1:]
-    bound = math.sqrt(6 / (c_in + c_out))  # Xavier uniform for one C_z x C matrix
+    steps, c_out, c_in = model.predictions.weight.shape
+    bound = math.sqrt(6 / (c_out * c_in + steps * c_out))  # xavier_uniform_ over the (K, C_z, C) tensor
+    assert bound < 0.5 * math.sqrt(6 / (c_in + c_out))  # well below Xavier for one C_z x C matrix
     for w in model.predictions.weight:
         assert 0.9 * bound < w.abs().max().item() <= bound
         assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert not model.predictions.bias.any()
 
 
 def test_auto_offset_is_receptive_field_over_stride():

@@ -112,7 +112,7 @@ def test_best_model_is_the_epoch_with_the_lowest_validation_loss(corpus, tmp_pat
     # InfoNCE: its collapsed value, ln 11, is below the loss of the first epochs.)
     binary = ("--loss-type", "contrastive", "--lr-schedule", "constant")
     train(corpus, tmp_path, "--epochs", "2", *binary)
-    ckpt = train(corpus, tmp_path, "--epochs", "4", "--lr", "0.05", "--resume", *binary)
+    ckpt = train(corpus, tmp_path, "--epochs", "4", "--lr", "0.5", "--resume", *binary)
     valid = ckpt["history"]["valid"]
     best = min(valid, key=lambda entry: entry["loss"])
     assert best is not valid[-1], "the setup must make a later epoch worse"
