@@ -108,18 +108,6 @@ def corpus(tmp_path) -> Path:
     return make_demo_corpus(tmp_path / "audio", num_speakers=2, files_per_speaker=4, seconds_per_file=1.0)
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logging():
-    """main.train reconfigures the root logger (train.log); give the next test back what it had."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
-
-
 class SlowCrops(CropDataset):
     def _read(self, item: int, start: int, length: int):
         time.sleep(0.1)  # a loader far slower than the tiny model's step

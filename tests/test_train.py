@@ -47,18 +47,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logging():
-    """main.train reconfigures the root logger (train.log); give the next test back what it had."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
-
-
 def tiny_flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data_dir), "--output-dir", str(out), "--channels", "32", "--segment-length",
             "6000", "--batch-size", "2", "--epochs", "2", "--log-every", "1", "--num-workers", "0",
