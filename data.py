@@ -13,12 +13,15 @@ M4A/AAC and for any file libsndfile rejects. Resampling: scipy.signal.resample_p
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import csv
 import hashlib
 import importlib.util
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -642,6 +645,40 @@ def _seed_from(*numbers: int) -> int:
     return int(np.random.SeedSequence(numbers).generate_state(1)[0])
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM in this thread for the block: one that comes meanwhile waits, is not lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@cache
+def _kill_workers_left_at_exit() -> None:
+    """Once per process: at exit, SIGKILL the worker processes still alive. They ignore SIGTERM, so the
+    terminate() of multiprocessing's own exit hook, which then joins them, would wait forever."""
+    def kill_left() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # no "worker killed" error from torch's handler now
+        for worker in multiprocessing.active_children():
+            worker.kill()
+    atexit.register(kill_left)  # after multiprocessing's hook, so it runs before it
+
+
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose workers are forked with SIGINT and SIGTERM held: a signal to the process group
+    that comes while they start reaches the main process (once) instead of killing a worker."""
+
+    def __iter__(self):
+        _kill_workers_left_at_exit()
+        with stop_signals_held():
+            return super().__iter__()
+
+
 def _init_worker(worker_id: int, seed: int, rank: int) -> None:
     """Seed numpy, random and torch in each DataLoader worker from (seed, rank, worker_id), and leave SIGINT
     and SIGTERM to the main process.
@@ -650,9 +687,10 @@ def _init_worker(worker_id: int, seed: int, rank: int) -> None:
     on a signal from anyone but its parent (the main process then fails with "worker killed"), and the
     training's handler, inherited through fork, would announce a Ctrl-C once per worker. Ignoring both, the
     workers go on serving batches while the main process finishes its update and saves; they end when it
-    shuts the loader down, or by torch's watchdog when it dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    shuts the loader down, when it exits (_kill_workers_left_at_exit), or by torch's watchdog if it dies."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by SignalSafeLoader while it forked us
     worker_seed = _seed_from(seed, rank, worker_id)
     np.random.seed(worker_seed)
     random.seed(worker_seed)
@@ -681,10 +719,10 @@ def make_loader(dataset: _CropDataset, sampler: EpochSampler, batch_size: int, n
                   else "lower --batch-size or add audio")
         raise UserError(f"{sampler.keys_per_epoch} training crops per epoch are fewer than one batch of "
                         f"{batch_size}; {remedy}.")
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_crops,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=dataset.train,
-                      worker_init_fn=partial(_init_worker, seed=seed, rank=sampler.rank),
-                      persistent_workers=num_workers > 0)
+    return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_crops,
+                            num_workers=num_workers, pin_memory=pin_memory, drop_last=dataset.train,
+                            worker_init_fn=partial(_init_worker, seed=seed, rank=sampler.rank),
+                            persistent_workers=num_workers > 0)
 
 
 # ----- synthetic demo corpus ----------------------------------------------------------------------

@@ -3,7 +3,9 @@
 import json
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,8 @@ from data import (
     split_manifest,
 )
 from model import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tone(seconds: float, rate: int, hz: float = 440.0, channels: int = 1) -> np.ndarray:
@@ -366,6 +370,54 @@ def test_each_worker_is_seeded_differently_and_reproducibly():
     assert not torch.equal(by_worker[0], by_worker[1])
     assert torch.equal(draws(0), first)
     assert not torch.equal(draws(1)[:, 0], first[:, 0])
+
+
+LOADER_SCRIPT = """
+import os, signal, sys
+import torch
+from torch.utils.data import Dataset
+import data
+
+class Keys(Dataset):
+    train = False
+    def __len__(self):
+        return 4
+    def __getitem__(self, key):
+        return torch.tensor([key])
+
+loader = data.make_loader(Keys(), data.EpochSampler(4, shuffle=False), 1, num_workers=2)
+"""
+
+SIGNAL_AS_WORKERS_START = LOADER_SCRIPT + """
+received = []
+signal.signal(signal.SIGTERM, lambda *_: received.append("SIGTERM"))
+init = data._init_worker
+def signalled_as_it_starts(worker_id, **kwargs):
+    if worker_id == 0:
+        os.killpg(0, signal.SIGTERM)  # the group's SIGTERM, just as the first worker starts
+    init(worker_id, **kwargs)
+data._init_worker = signalled_as_it_starts
+loader = data.make_loader(Keys(), data.EpochSampler(4, shuffle=False), 1, num_workers=2)
+print(len(list(loader)), received)
+"""
+
+
+def run_in_own_group(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, start_new_session=True)
+
+
+def test_a_group_signal_while_loader_workers_start_reaches_the_main_process_only():
+    # A worker forked just before it ignores the signal used to die of it: "DataLoader worker killed".
+    result = run_in_own_group(SIGNAL_AS_WORKERS_START)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "4 ['SIGTERM']"  # every batch served, the signal taken once
+
+
+def test_loader_workers_still_running_at_exit_do_not_hold_the_process_up():
+    # The workers ignore SIGTERM, so multiprocessing's exit hook (terminate, then join) used to wait forever.
+    script = LOADER_SCRIPT + "batches = iter(loader)\nnext(batches)\nsys.exit(3)\n"
+    assert run_in_own_group(script).returncode == 3
 
 
 def test_files_shorter_than_one_crop_are_met_with_the_flags_that_keep_them_and_the_numbers(tmp_path, caplog):
