@@ -457,8 +457,10 @@ class _CropDataset(Dataset):
         """The flags that keep files shorter than one crop, with the numbers for this corpus."""
         # A length at least KEEP_WHOLE of the files reach ("lower": one of the lengths, not interpolated).
         keeps = int(np.quantile(self.lengths, 1 - KEEP_WHOLE, method="lower"))
-        return (f"--pad-short keeps them (zero-padded), or --segment-length {keeps} keeps "
-                f"{100 * KEEP_WHOLE:.0f}% of the files whole")
+        pad = "--pad-short keeps them (zero-padded)"
+        if keeps >= self.segment_length:  # the crop already keeps that share: a shorter one is no remedy
+            return pad
+        return f"{pad}, or --segment-length {keeps} keeps {100 * KEEP_WHOLE:.0f}% of the files whole"
 
     def _read(self, item: int, start: int, length: int) -> np.ndarray:
         """Samples [start, start + length) of item `item` at 16 kHz, float32, zero-padded past its end."""

@@ -436,6 +436,16 @@ def test_files_shorter_than_one_crop_are_met_with_the_flags_that_keep_them_and_t
         CropDataset(tmp_path, build_manifest(tmp_path), segment_length=64000)
 
 
+def test_a_few_short_files_in_a_long_corpus_are_not_met_with_a_longer_crop(tmp_path, caplog):
+    for i, seconds in enumerate((0.5,) + (3.0,) * 19):
+        write(tmp_path / f"{i}.wav", tone(seconds, SAMPLE_RATE), SAMPLE_RATE)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        CropDataset(tmp_path, build_manifest(tmp_path), segment_length=32000)
+    assert "1 of 20 files are shorter than one crop (32000 samples, 2.00 s): skipped; --pad-short keeps " \
+           "them (zero-padded)." in caplog.text
+    assert "--segment-length" not in caplog.text  # 90% of the files are whole with this crop already
+
+
 def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
     for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
