@@ -364,12 +364,16 @@ def build_manifest(data_dir: Path | str, cache_dir: Path | str | None = None) ->
     # Threads: libsndfile and FFmpeg release the GIL, and on network storage a scan is mostly waiting.
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = pool.map(lambda job: _scan(*job), jobs)
-        for position, result in tqdm(zip(stale, results, strict=True), total=len(jobs), desc="scanning audio",
-                                     unit="file", disable=len(jobs) < 100):
-            if isinstance(result, AudioReadError):
-                logger.warning("Skipping %s: %s", result.path, result.reason)
-            else:
-                entries[position] = result
+        try:
+            for position, result in tqdm(zip(stale, results, strict=True), total=len(jobs),
+                                         desc="scanning audio", unit="file", disable=len(jobs) < 100):
+                if isinstance(result, AudioReadError):
+                    logger.warning("Skipping %s: %s", result.path, result.reason)
+                else:
+                    entries[position] = result
+        except BaseException:  # Ctrl-C: stop now, not after every file still queued has been scanned
+            pool.shutdown(cancel_futures=True)
+            raise
     usable = [e for e in entries if e is not None]
     removed = len(set(cached) - set(relatives))
 

@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -444,6 +445,26 @@ def test_a_few_short_files_in_a_long_corpus_are_not_met_with_a_longer_crop(tmp_p
     assert "1 of 20 files are shorter than one crop (32000 samples, 2.00 s): skipped; --pad-short keeps " \
            "them (zero-padded)." in caplog.text
     assert "--segment-length" not in caplog.text  # 90% of the files are whole with this crop already
+
+
+def test_an_interrupted_scan_stops_without_scanning_the_files_still_queued(tmp_path, monkeypatch):
+    for i in range(200):
+        (tmp_path / f"{i}.wav").write_bytes(b"")
+    scanned = []
+
+    def slow_unreadable(path, *job):
+        scanned.append(path)
+        time.sleep(0.01)
+        return data.AudioReadError(path, "unreadable")
+
+    def ctrl_c(*args, **kwargs):  # Ctrl-C while the main thread handles a scanned file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_scan", slow_unreadable)
+    monkeypatch.setattr(data.logger, "warning", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build_manifest(tmp_path)
+    assert len(scanned) < 50
 
 
 def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
