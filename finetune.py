@@ -64,6 +64,7 @@ from features import MFCC_WINDOW, mfcc
 from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights, read_checkpoint
 from utils import (
     PRECISIONS,
+    add_threads_argument,
     autocast_context,
     build_optimizer,
     check_classes,
@@ -72,13 +73,17 @@ from utils import (
     fsdd_test_mask,
     lr_lambda,
     make_grad_scaler,
+    non_negative_int,
     numeric_labels,
     optimizer_step,
+    positive_float,
+    positive_int,
     read_labels,
     regression_metrics,
     resolve_device,
     run_cli,
     save_checkpoint,
+    set_threads,
     setup_logging,
 )
 
@@ -715,8 +720,7 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir)
     ensure_writable_dir(out)
     setup_logging(out / "train.log")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     description, folds = make_folds(data, args)
     log.info("%d files, %s, %s; %s", len(data.names), f"{len(data.classes)} classes" if data.classes
@@ -745,8 +749,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def predict(args: argparse.Namespace) -> None:
     """Label (and probabilities) or value for every audio file under --data-dir, to a CSV."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     model = Classifier.from_pretrained(args.model, device)
     files = find_audio_files(args.data_dir)
@@ -757,13 +760,6 @@ def predict(args: argparse.Namespace) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.output, *prediction_rows(model.config, names, predictions))
     print(f"wrote {len(names)} predictions to {args.output}")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
@@ -790,13 +786,14 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     optim = parser.add_argument_group("optimisation and budget (per fold)")
     optim.add_argument("--epochs", type=positive_int, default=30)
     optim.add_argument("--max-updates", type=positive_int, default=None)
-    optim.add_argument("--max-minutes", type=float, default=None, help="training time per fold")
+    optim.add_argument("--max-minutes", type=positive_float, default=None, help="training time per fold")
     optim.add_argument("--batch-size", type=positive_int, default=16)
-    optim.add_argument("--lr", type=float, default=5e-3, help="peak learning rate of the head")
-    optim.add_argument("--backbone-lr", type=float, default=5e-5, help="peak learning rate of the backbone")
-    optim.add_argument("--freeze-updates", type=int, default=100,
+    optim.add_argument("--lr", type=positive_float, default=5e-3, help="peak learning rate of the head")
+    optim.add_argument("--backbone-lr", type=positive_float, default=5e-5,
+                       help="peak learning rate of the backbone")
+    optim.add_argument("--freeze-updates", type=non_negative_int, default=100,
                        help="with --freeze encoder/none, updates before the backbone starts to train")
-    optim.add_argument("--warmup-updates", type=int, default=20)
+    optim.add_argument("--warmup-updates", type=non_negative_int, default=20)
     optim.add_argument("--min-lr-ratio", type=float, default=0.01, help="the cosine's end / the peak")
     optim.add_argument("--weight-decay", type=float, default=0.01)
     optim.add_argument("--clip-norm", type=float, default=5.0)
@@ -820,7 +817,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
                             help="validations without improvement before stopping")
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--device", default="auto")
-    evaluation.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
+    add_threads_argument(evaluation)
     args = parser.parse_args(argv)
     if args.split == "fsdd-official" and args.group_column:
         raise UserError("--split fsdd-official and --group-column are alternatives: choose one.")
@@ -839,7 +836,7 @@ def parse_predict_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=positive_int, default=None)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
