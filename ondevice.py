@@ -11,6 +11,7 @@ j - warmup_hops of extract_features.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import warnings
@@ -24,6 +25,15 @@ from data import find_audio_files, load_audio
 from model import StreamingStep, UserError, Wav2Vec
 
 log = logging.getLogger(__name__)
+
+
+def optional_package(name: str):
+    """Import one of the export packages (onnx, onnxruntime), or say in one sentence how to install them."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{name} is not installed: on-device export needs `pip install -r "
+                        "requirements-device.txt`.") from None
 
 OPSET = 17  # LayerNormalization is an ONNX op from 17 on
 
@@ -88,8 +98,7 @@ def export_onnx(model: Wav2Vec, path: Path, streaming: bool = False, dynamo: boo
 
 def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
     """Store `metadata` in the file and shorten its internal names (see compact_names)."""
-    import onnx
-
+    onnx = optional_package("onnx")
     model = onnx.load(str(path))
     compact_names(model.graph)
     onnx.helper.set_model_props(model, metadata)
@@ -129,8 +138,7 @@ def export_torchscript(model: Wav2Vec, path: Path, streaming: bool = False) -> N
 
 def onnx_session(path: Path, threads: int = 1):
     """An ONNX Runtime CPU session on `threads` intra-op threads (one by default: the device case)."""
-    import onnxruntime as ort
-
+    ort = optional_package("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3  # no warnings about unused initializers on quantized graphs
@@ -192,8 +200,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
                   max_hops: int = 2000) -> None:
     """ONNX Runtime static quantization (QDQ): per-channel int8 Conv weights, uint8 activations calibrated
     on `calibration` waveforms (L,); other ops (LayerNorm, the state plumbing) stay float."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
+    quantization = optional_package("onnxruntime.quantization")
     session = onnx_session(fp32_path)
     form = session.get_modelmeta().custom_metadata_map
     if form.get("form") == "streaming":  # calibrate on the states a real stream goes through
@@ -210,16 +217,17 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
     if not feeds:
         raise UserError("The calibration audio is shorter than one frame: give longer files.")
 
-    class Feeds(CalibrationDataReader):
+    class Feeds(quantization.CalibrationDataReader):
         def __init__(self):
             self.rest = iter(feeds)
 
         def get_next(self) -> dict | None:
             return next(self.rest, None)
 
-    quantize_static(str(fp32_path), str(int8_path), Feeds(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    op_types_to_quantize=["Conv"], nodes_to_exclude=[first_convolution(fp32_path)])
+    quantization.quantize_static(
+        str(fp32_path), str(int8_path), Feeds(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+        weight_type=quantization.QuantType.QInt8, activation_type=quantization.QuantType.QUInt8,
+        op_types_to_quantize=["Conv"], nodes_to_exclude=[first_convolution(fp32_path)])
     write_onnx_metadata(int8_path, form)
 
 
@@ -227,8 +235,7 @@ def first_convolution(path: Path) -> str:
     """The name of the convolution on the raw waveform (nodes are stored in topological order): it stays
     float, because 8-bit audio loses quiet speech that per-frame LayerNorm then scales up (cosine to fp32
     0.90 with it quantized, 0.99 without, z of a random tiny model)."""
-    import onnx
-
+    onnx = optional_package("onnx")
     return next(node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv")
 
 

@@ -1,5 +1,7 @@
 """export.py and ondevice.py: ONNX and TorchScript equal PyTorch, offline and streaming; int8 stays close."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -105,3 +107,12 @@ def test_int8_without_calibration_audio_is_refused(checkpoint, tmp_path, capsys)
 
 def test_the_streaming_step_starts_the_context_network_after_its_warmup(model):
     assert StreamingStep(model).warmup_hops == 2  # frame 0 ends at sample 465: complete in the third hop
+
+
+def test_missing_export_packages_are_named_with_the_install_command(monkeypatch):
+    def not_installed(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(ondevice.importlib, "import_module", not_installed)
+    with pytest.raises(UserError, match=r"onnxruntime is not installed: .*requirements-device.txt"):
+        ondevice.onnx_session(Path("any.onnx"))
