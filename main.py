@@ -647,7 +647,6 @@ class Run:
     train_loader: DataLoader
     valid_loader: DataLoader | None
     progress: Progress
-    updates_per_epoch: int
     total_updates: int
     log: TrainingLog
     saved: list[tuple[Path, int]]  # (checkpoint, step) written so far: the last is named if the run must stop
@@ -823,7 +822,7 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     clock = TrainingClock(progress, args.max_minutes, args.save_every_minutes)
     return Run(args, ddp, out, model, trained, optimizer, scheduler, scaler,
                autocast_context(ddp.device, args.precision), train_loader, valid_loader, progress,
-               updates_per_epoch, total_updates, training_log, saved, clock)
+               total_updates, training_log, saved, clock)
 
 
 def train_loop(run: Run, stop: StopRequest) -> None:
