@@ -108,8 +108,8 @@ MAX_NONFINITE_UPDATES = 20  # this many skipped updates in a row means the run d
 VALID_SEED_KEY = 1 << 30  # distractor seeds for validation batches, apart from the training steps'
 # What a resumed run cannot change: the model's shape and objective (the weights are for them), and the
 # seed (the data order, crops and distractors of the rest of the run follow it).
-FIXED_FLAGS = ("model", "channels", "skip_connections", "num_steps", "num_negatives", "cross_negatives",
-               "offset", "loss_type", "seed")
+FIXED_FLAGS = ("model", "channels", "norm", "skip_connections", "num_steps", "num_negatives",
+               "cross_negatives", "offset", "loss_type", "seed")
 
 
 # ----- command line -------------------------------------------------------------------------------
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "wav2vec_tiny: 64 channels, per-frame LayerNorm, streams (README: On the device)")
     model.add_argument("--channels", type=positive_int, default=None,
                        help="width of every layer (default: the preset's, 512 or 64 for wav2vec_tiny)")
+    model.add_argument("--norm", choices=("group", "layer"), default=None,
+                       help="group: statistics over each crop's channels and time (the paper's; default of "
+                            "both base presets); layer: per frame, strictly causal, so the model streams")
     model.add_argument("--skip-connections", action=argparse.BooleanOptionalAction, default=None,
                        help="residual connections around the context layers (default: on in both presets; "
                             "without them the binary loss collapses, see README)")
@@ -327,7 +330,8 @@ def crop_samples(config: Wav2VecConfig, frames: int) -> int:
 
 def build_config(args: argparse.Namespace) -> Wav2VecConfig:
     """The model configuration, built only from a preset plus the flags that override it."""
-    overrides = {} if args.skip_connections is None else {"skip_connections": args.skip_connections}
+    overrides = {name: getattr(args, name) for name in ("norm", "skip_connections")
+                 if getattr(args, name) is not None}
     return Wav2VecConfig.preset(args.model, channels=args.channels, prediction_steps=args.num_steps,
                                 num_negatives=args.num_negatives, cross_negatives=args.cross_negatives,
                                 offset=args.offset, loss_type=args.loss_type, **overrides)

@@ -306,6 +306,13 @@ def test_skip_connections_follow_the_preset_unless_a_flag_says_otherwise():
     assert skip() and skip("--model", "wav2vec_large") and not skip("--no-skip-connections")
 
 
+def test_norm_follows_the_preset_unless_a_flag_says_otherwise():
+    def norm(*flags: str) -> str:
+        return main.build_config(main.parse_args(["--data-dir", ".", *flags])).norm
+    assert norm() == "group" and norm("--model", "wav2vec_tiny") == "layer"
+    assert norm("--norm", "layer") == "layer" and norm("--model", "wav2vec_tiny", "--norm", "group") == "group"
+
+
 def test_non_finite_updates_are_skipped_and_a_long_streak_stops_the_run(tmp_path):
     data_dir = tmp_path / "nan"
     data_dir.mkdir()
