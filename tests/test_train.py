@@ -310,7 +310,8 @@ def test_norm_follows_the_preset_unless_a_flag_says_otherwise():
     def norm(*flags: str) -> str:
         return main.build_config(main.parse_args(["--data-dir", ".", *flags])).norm
     assert norm() == "group" and norm("--model", "wav2vec_tiny") == "layer"
-    assert norm("--norm", "layer") == "layer" and norm("--model", "wav2vec_tiny", "--norm", "group") == "group"
+    assert norm("--norm", "layer") == "layer"
+    assert norm("--model", "wav2vec_tiny", "--norm", "group") == "group"
 
 
 def test_non_finite_updates_are_skipped_and_a_long_streak_stops_the_run(tmp_path):
