@@ -35,8 +35,6 @@ import logging
 import math
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,7 +44,6 @@ import torch
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -65,8 +62,10 @@ from features import (
 from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights
 from ondevice import onnx_offline, onnx_session
 from utils import (
+    Split,
     add_threads_argument,
     check_classes,
+    cross_validation,
     ensure_writable_dir,
     ensure_writable_file,
     fsdd_test_mask,
@@ -253,45 +252,15 @@ def frame_examples(paths: list[Path], frames_of: FramesOf, window: int, max_fram
 
 # ----- the probe ----------------------------------------------------------------------------------
 
-Split = tuple[str, np.ndarray, np.ndarray]  # (fold name, train rows, test rows)
-
-
-def numbered(splits: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[Split]:
-    return [(str(i + 1), train, test) for i, (train, test) in enumerate(splits)]
-
-
 def folds(examples: Examples, n_folds: int, seed: int, frame_level: bool = False,
           regress: bool = False) -> tuple[str, list[Split]]:
-    """(description, splits): the fixed split, leave-one-group-out, k-fold grouped by file, stratified
-    (classification) or plain (regression) k-fold."""
-    rows = np.arange(len(examples.y))
-    if examples.test_mask is not None:
-        if examples.test_mask.all() or not examples.test_mask.any():
-            raise UserError("The fixed split leaves no training or no test files; check the file names.")
-        return "fixed split", [("test", rows[~examples.test_mask], rows[examples.test_mask])]
-    if examples.groups is not None:
-        if len(set(examples.groups)) < 2:
-            raise UserError("Leave-one-group-out needs at least two groups; check --group-column.")
-        splits = LeaveOneGroupOut().split(rows, groups=examples.groups)
-        return "leave-one-group-out", [(str(examples.groups[test[0]]), train, test) for train, test in splits]
+    """(description, splits): the fixed split, leave-one-group-out, k-fold by file (frames), stratified
+    (classification) or plain (regression) k-fold; see utils.cross_validation."""
     if frame_level:  # frames of one file are alike: keep each file on one side
-        k = min(n_folds, len(np.unique(examples.file_index)))
-        if k < 2:
-            raise UserError("Frame-level cross-validation needs at least two files with frame labels.")
-        splits = GroupKFold(n_splits=k).split(rows, groups=examples.file_index)
-        return f"{k}-fold grouped by file", numbered(splits)
-    if regress:
-        splits = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(rows)
-        return f"{n_folds}-fold", numbered(splits)
-    smallest = min(Counter(examples.y).values())
-    if smallest < 2:
-        raise UserError("Every class needs at least 2 examples for cross-validation; "
-                        "drop the rare classes from the labels or add data.")
-    k = min(n_folds, smallest)
-    if k < n_folds:
-        log.warning("the smallest class has %d examples: using %d folds instead of %d", smallest, k, n_folds)
-    splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(rows, examples.y)
-    return f"stratified {k}-fold", numbered(splits)
+        return cross_validation(examples.y, n_folds, seed, examples.test_mask, examples.file_index,
+                                group_folds=n_folds, group_name="file",
+                                group_remedy="give at least two files with frame labels")
+    return cross_validation(examples.y, n_folds, seed, examples.test_mask, examples.groups, regress=regress)
 
 
 def fit_and_score(X: np.ndarray, y: np.ndarray, splits: list[Split], max_iter: int = 5000) -> dict:

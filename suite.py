@@ -223,12 +223,12 @@ def pooled_layers(args: argparse.Namespace, source: Source, paths: list[Path],
         return {layer: probe.read_pooled(path) for layer, path in cached.items()}
     frames_of, window, channels = stacked_featurizer(source.spec, args.seed, device)
     position = {path: i for i, path in enumerate(paths)}
-    rows = [(position[path], frames)
+    rows = [(position[path], {layer: pool(frames[part], POOL) for layer, part in channels.items()})
             for path, frames in file_frames(paths, frames_of, window, desc=source.label)]
     file_index = np.array([i for i, _ in rows])
     out = {}
-    for layer, part in channels.items():
-        X = np.stack([pool(frames[part], POOL) for _, frames in rows])
+    for layer in channels:
+        X = np.stack([vectors[layer] for _, vectors in rows])
         probe.write_pooled(cached[layer], X, file_index)
         out[layer] = (X, file_index)
     return out

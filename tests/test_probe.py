@@ -242,7 +242,7 @@ def test_frame_level_probe_reads_the_demo_corpus_frame_labels(tmp_path):
     probe.main(["--data-dir", str(data), "--frame-level", "--features", "mfcc", "--max-frames", "300",
                 "--json", str(out)])
     result = json.loads(out.read_text())
-    assert result["n_examples"] == 300 and result["evaluation"] == "5-fold grouped by file"
+    assert result["n_examples"] == 300 and result["evaluation"] == "5-fold by file"
     assert result["n_classes"] >= 3 and result["accuracy"] > 0.5  # silence, vowels, fricatives
 
 
