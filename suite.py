@@ -66,7 +66,7 @@ CURVE_TASK = "digits_loso"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="probe.py --suite", description=__doc__,
+    parser = argparse.ArgumentParser(prog="probe.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("fsdd",), required=True, help="the table to compute")
     parser.add_argument("--data-dir", type=Path, required=True,
