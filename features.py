@@ -73,23 +73,33 @@ def chunk_windows(model: Wav2Vec, length: int, chunk_samples: int) -> list[tuple
     return windows
 
 
-def _run(model: Wav2Vec, wavs: np.ndarray, layer: str) -> np.ndarray:
-    """wavs (B, L) -> features (B, C, T) as float32 numpy."""
+Layers = dict[str, np.ndarray]  # "z" and "c" -> frames of that layer
+
+
+def _run(model: Wav2Vec, wavs: np.ndarray) -> Layers:
+    """wavs (B, L) -> features (B, C, T) of both layers as float32 numpy (c needs z anyway)."""
     feats = model.extract_features(torch.from_numpy(np.ascontiguousarray(wavs, dtype=np.float32)))
-    return feats[layer].float().cpu().numpy()
+    return {layer: feats[layer].float().cpu().numpy() for layer in LAYERS}
 
 
-def chunked_features(model: Wav2Vec, wav: np.ndarray, layer: str = "c",
-                     chunk_samples: int = 60 * SAMPLE_RATE) -> np.ndarray:
-    """wav (L,) -> frames (C, T) with T = model.num_frames(L), never feeding more than one chunk at once."""
+def chunked_layers(model: Wav2Vec, wav: np.ndarray, chunk_samples: int = 60 * SAMPLE_RATE) -> Layers:
+    """wav (L,) -> frames (C, T) of z and c with T = model.num_frames(L), never feeding more than one chunk
+    at once."""
     if model.num_frames(len(wav)) < 1:
         raise UserError(f"Audio of {len(wav)} samples is shorter than one frame "
                         f"({model.receptive_field} samples at 16 kHz).")
     if len(wav) <= chunk_samples:
-        return _run(model, wav[None], layer)[0]
-    parts = [_run(model, wav[None, start:end], layer)[0, :, drop:]
+        return {layer: frames[0] for layer, frames in _run(model, wav[None]).items()}
+    parts = [(_run(model, wav[None, start:end]), drop)
              for start, end, drop in chunk_windows(model, len(wav), chunk_samples)]
-    return np.concatenate(parts, axis=1)
+    return {layer: np.concatenate([part[layer][0, :, drop:] for part, drop in parts], axis=1)
+            for layer in LAYERS}
+
+
+def chunked_features(model: Wav2Vec, wav: np.ndarray, layer: str = "c",
+                     chunk_samples: int = 60 * SAMPLE_RATE) -> np.ndarray:
+    """wav (L,) -> frames (C, T) of one layer; see chunked_layers."""
+    return chunked_layers(model, wav, chunk_samples)[layer]
 
 
 def equal_length_batches(lengths: Sequence[int], max_samples: int) -> list[list[int]]:
@@ -105,20 +115,27 @@ def equal_length_batches(lengths: Sequence[int], max_samples: int) -> list[list[
     return batches
 
 
-def model_features(model: Wav2Vec, wavs: Sequence[np.ndarray], layer: str = "c",
-                   chunk_samples: int = 60 * SAMPLE_RATE) -> list[np.ndarray]:
-    """Frames (C, T) for each waveform (L,); equal-length waveforms share a batch of at most chunk_samples."""
-    if layer not in LAYERS:
-        raise UserError(f"--layer must be one of {LAYERS}, not {layer!r}.")
-    out: list[np.ndarray | None] = [None] * len(wavs)
+def model_layers(model: Wav2Vec, wavs: Sequence[np.ndarray],
+                 chunk_samples: int = 60 * SAMPLE_RATE) -> list[Layers]:
+    """Frames (C, T) of z and c for each waveform (L,), from one forward pass; equal-length waveforms share a
+    batch of at most chunk_samples."""
+    out: list[Layers | None] = [None] * len(wavs)
     for batch in equal_length_batches([len(wav) for wav in wavs], chunk_samples):
         if len(batch) == 1:  # whole when it fits, in chunks when it is longer
-            out[batch[0]] = chunked_features(model, wavs[batch[0]], layer, chunk_samples)
+            out[batch[0]] = chunked_layers(model, wavs[batch[0]], chunk_samples)
             continue
-        feats = _run(model, np.stack([wavs[i] for i in batch]), layer)
-        for i, frames in zip(batch, feats, strict=True):
-            out[i] = frames
+        feats = _run(model, np.stack([wavs[i] for i in batch]))
+        for position, i in enumerate(batch):
+            out[i] = {layer: frames[position] for layer, frames in feats.items()}
     return out
+
+
+def model_features(model: Wav2Vec, wavs: Sequence[np.ndarray], layer: str = "c",
+                   chunk_samples: int = 60 * SAMPLE_RATE) -> list[np.ndarray]:
+    """Frames (C, T) of one layer for each waveform (L,); see model_layers."""
+    if layer not in LAYERS:
+        raise UserError(f"--layer must be one of {LAYERS}, not {layer!r}.")
+    return [frames[layer] for frames in model_layers(model, wavs, chunk_samples)]
 
 
 # ----- MFCC baseline ------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix
-from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, LeaveOneGroupOut, StratifiedKFold
+from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -69,6 +69,7 @@ from utils import (
     build_optimizer,
     check_classes,
     classification_metrics,
+    cross_validation,
     ensure_writable_dir,
     fsdd_test_mask,
     lr_lambda,
@@ -323,38 +324,6 @@ def natural_key(text: str) -> tuple:
         return (0, float(text), "")
     except ValueError:
         return (1, 0.0, text)
-
-
-Fold = tuple[str, np.ndarray, np.ndarray]  # (name, training rows, test rows)
-
-
-def make_folds(data: Dataset, args: argparse.Namespace) -> tuple[str, list[Fold]]:
-    """(description, folds) per --split / --group-column / --folds."""
-    rows = np.arange(len(data.names))
-    if data.test_mask is not None:
-        if data.test_mask.all() or not data.test_mask.any():
-            raise UserError("The fixed split leaves no training or no test files; check the file names.")
-        return "FSDD official split", [("test", rows[~data.test_mask], rows[data.test_mask])]
-    if data.groups is not None:
-        groups = np.array(data.groups)
-        if len(set(groups)) < 2:
-            raise UserError("Folds by group need at least two groups; check --group-column.")
-        if args.folds == 0 or args.folds >= len(set(groups)):
-            splits = LeaveOneGroupOut().split(rows, groups=groups)
-            return "leave-one-group-out", [(str(groups[test[0]]), train, test) for train, test in splits]
-        splits = GroupKFold(n_splits=args.folds).split(rows, groups=groups)
-        return f"{args.folds}-fold by group", [(str(i + 1), tr, te) for i, (tr, te) in enumerate(splits)]
-    k = max(2, args.folds)
-    if args.task == "regress":
-        splitter = KFold(k, shuffle=True, random_state=args.seed).split(rows)
-        return f"{k}-fold", [(str(i + 1), tr, te) for i, (tr, te) in enumerate(splitter)]
-    smallest = int(np.bincount(data.targets).min())
-    if smallest < 2:
-        raise UserError("Every class needs at least 2 files for cross-validation: "
-                        "drop the rare classes from the labels, add data, or give --group-column.")
-    k = min(k, smallest)
-    splitter = StratifiedKFold(k, shuffle=True, random_state=args.seed).split(rows, data.targets)
-    return f"stratified {k}-fold", [(str(i + 1), tr, te) for i, (tr, te) in enumerate(splitter)]
 
 
 def validation_rows(data: Dataset, train: np.ndarray, fraction: float,
@@ -722,7 +691,11 @@ def train(args: argparse.Namespace) -> dict:
     setup_logging(out / "train.log")
     set_threads(args.threads)
     device = resolve_device(args.device)
-    description, folds = make_folds(data, args)
+    groups = None if data.groups is None else np.array(data.groups)
+    description, folds = cross_validation(data.targets, args.folds, args.seed, data.test_mask, groups,
+                                          group_folds=args.folds, regress=args.task == "regress",
+                                          class_remedy="drop the rare classes from the labels, add data, "
+                                                       "or give --group-column")
     log.info("%d files, %s, %s; %s", len(data.names), f"{len(data.classes)} classes" if data.classes
              else "regression", description, f"{len(folds)} folds" + (f", running {args.max_folds}"
                                                                      if args.max_folds else ""))

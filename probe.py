@@ -3,6 +3,8 @@
     python probe.py --data-dir DIR --labels LABELS --features mfcc|random|CKPT --json OUT.json
                     [--group-column COLUMN] [--layer c|z] [--pool mean|mean+std] [--split cv|fsdd-official]
     python probe.py --data-dir DIR --frame-level --features ... --json OUT.json
+    python probe.py --suite fsdd --data-dir FSDD --features CKPT [CKPT ...] | RUN_DIR --json OUT.json
+                    (the standard table in one command: see `python probe.py --suite fsdd --help`)
 
 Features are pooled over each file (or, with --frame-level, kept per 10 ms frame), standardised, and
 fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
@@ -31,9 +33,8 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,7 +44,6 @@ import torch
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -62,8 +62,10 @@ from features import (
 from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights
 from ondevice import onnx_offline, onnx_session
 from utils import (
+    Split,
     add_threads_argument,
     check_classes,
+    cross_validation,
     ensure_writable_dir,
     ensure_writable_file,
     fsdd_test_mask,
@@ -165,29 +167,41 @@ def featurizer(spec: str, layer: str, seed: int, device: torch.device) -> tuple[
     exported .onnx graph."""
     if spec == "mfcc":
         return (lambda wavs: [mfcc(w) for w in wavs]), MFCC_WINDOW
-    if is_random(spec):
-        torch.manual_seed(seed)
-        model = Wav2Vec(feature_config(spec)).to(device).eval()
-    elif spec.endswith(".onnx"):  # an offline graph written by export.py (fp32 or int8), run by ONNX Runtime
+    if spec.endswith(".onnx"):  # an offline graph written by export.py (fp32 or int8), run by ONNX Runtime
         session = onnx_session(Path(spec))
         window = int(session.get_modelmeta().custom_metadata_map["receptive_field"])
         return (lambda wavs: [onnx_offline(session, wav)[layer][0] for wav in wavs]), window
-    else:
-        model = Wav2Vec.from_pretrained(spec, map_location=device)
+    model = network(spec, seed, device)
     return partial(model_features, model, layer=layer), model.receptive_field
+
+
+def network(spec: str, seed: int, device: torch.device) -> Wav2Vec:
+    """The model in eval mode behind random[:CKPT] (initialised with `seed`) or a checkpoint path."""
+    if is_random(spec):
+        torch.manual_seed(seed)
+        return Wav2Vec(feature_config(spec)).to(device).eval()
+    return Wav2Vec.from_pretrained(spec, map_location=device)
+
+
+def stamp(path: Path) -> str:
+    """A file's identity for cache keys: where it is, its size and when it last changed."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def feature_source(spec: str) -> str:
+    """What the features of --features depend on: a checkpoint's file, or a random network's configuration
+    (so that checkpoints of one configuration share their random baseline)."""
+    if spec == "mfcc":
+        return spec
+    if is_random(spec):
+        return "random:" + json.dumps(feature_config(spec).to_dict(), sort_keys=True)
+    return stamp(Path(spec))
 
 
 def feature_key(args: argparse.Namespace, paths: list[Path]) -> str:
     """Names the pooled features of these files under these settings; changed inputs give a new name."""
-    def stamp(path: Path) -> str:
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    if args.features in ("mfcc", "random"):
-        source = args.features
-    else:  # a checkpoint, or a random network of its configuration
-        checkpoint = args.features.removeprefix("random:")
-        source = args.features.removesuffix(checkpoint) + stamp(Path(checkpoint))
-    description = [source, args.layer, args.pool, args.seed, [stamp(path) for path in paths]]
+    description = [feature_source(args.features), args.layer, args.pool, args.seed, [stamp(p) for p in paths]]
     return hashlib.sha1(json.dumps(description).encode()).hexdigest()[:16]
 
 
@@ -196,19 +210,28 @@ def pooled_features(args: argparse.Namespace, paths: list[Path]) -> tuple[np.nda
     written to --cache-dir when given."""
     cached = args.cache_dir / f"{feature_key(args, paths)}.npz" if args.cache_dir else None
     if cached is not None and cached.is_file():
-        log.info("pooled features from the cache %s", cached)
-        with np.load(cached) as saved:
-            return saved["X"], saved["file_index"]
+        return read_pooled(cached)
     frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
     position = {path: i for i, path in enumerate(paths)}
     rows = [(position[path], pool(frames, args.pool))
             for path, frames in file_frames(paths, frames_of, window)]
     X, file_index = np.stack([vector for _, vector in rows]), np.array([i for i, _ in rows])
     if cached is not None:
-        partial_file = cached.with_suffix(".partial.npz")  # renamed when complete: no half-written cache
-        np.savez(partial_file, X=X, file_index=file_index)
-        partial_file.replace(cached)
+        write_pooled(cached, X, file_index)
     return X, file_index
+
+
+def read_pooled(cached: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(X, file_index) from a cache file written by write_pooled."""
+    log.info("pooled features from the cache %s", cached)
+    with np.load(cached) as saved:
+        return saved["X"], saved["file_index"]
+
+
+def write_pooled(cached: Path, X: np.ndarray, file_index: np.ndarray) -> None:
+    partial_file = cached.with_suffix(".partial.npz")  # renamed when complete: no half-written cache
+    np.savez(partial_file, X=X, file_index=file_index)
+    partial_file.replace(cached)
 
 
 def frame_examples(paths: list[Path], frames_of: FramesOf, window: int, max_frames: int,
@@ -229,45 +252,15 @@ def frame_examples(paths: list[Path], frames_of: FramesOf, window: int, max_fram
 
 # ----- the probe ----------------------------------------------------------------------------------
 
-Split = tuple[str, np.ndarray, np.ndarray]  # (fold name, train rows, test rows)
-
-
-def numbered(splits: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[Split]:
-    return [(str(i + 1), train, test) for i, (train, test) in enumerate(splits)]
-
-
 def folds(examples: Examples, n_folds: int, seed: int, frame_level: bool = False,
           regress: bool = False) -> tuple[str, list[Split]]:
-    """(description, splits): the fixed split, leave-one-group-out, k-fold grouped by file, stratified
-    (classification) or plain (regression) k-fold."""
-    rows = np.arange(len(examples.y))
-    if examples.test_mask is not None:
-        if examples.test_mask.all() or not examples.test_mask.any():
-            raise UserError("The fixed split leaves no training or no test files; check the file names.")
-        return "fixed split", [("test", rows[~examples.test_mask], rows[examples.test_mask])]
-    if examples.groups is not None:
-        if len(set(examples.groups)) < 2:
-            raise UserError("Leave-one-group-out needs at least two groups; check --group-column.")
-        splits = LeaveOneGroupOut().split(rows, groups=examples.groups)
-        return "leave-one-group-out", [(str(examples.groups[test[0]]), train, test) for train, test in splits]
+    """(description, splits): the fixed split, leave-one-group-out, k-fold by file (frames), stratified
+    (classification) or plain (regression) k-fold; see utils.cross_validation."""
     if frame_level:  # frames of one file are alike: keep each file on one side
-        k = min(n_folds, len(np.unique(examples.file_index)))
-        if k < 2:
-            raise UserError("Frame-level cross-validation needs at least two files with frame labels.")
-        splits = GroupKFold(n_splits=k).split(rows, groups=examples.file_index)
-        return f"{k}-fold grouped by file", numbered(splits)
-    if regress:
-        splits = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(rows)
-        return f"{n_folds}-fold", numbered(splits)
-    smallest = min(Counter(examples.y).values())
-    if smallest < 2:
-        raise UserError("Every class needs at least 2 examples for cross-validation; "
-                        "drop the rare classes from the labels or add data.")
-    k = min(n_folds, smallest)
-    if k < n_folds:
-        log.warning("the smallest class has %d examples: using %d folds instead of %d", smallest, k, n_folds)
-    splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(rows, examples.y)
-    return f"stratified {k}-fold", numbered(splits)
+        return cross_validation(examples.y, n_folds, seed, examples.test_mask, examples.file_index,
+                                group_folds=n_folds, group_name="file",
+                                group_remedy="give at least two files with frame labels")
+    return cross_validation(examples.y, n_folds, seed, examples.test_mask, examples.groups, regress=regress)
 
 
 def fit_and_score(X: np.ndarray, y: np.ndarray, splits: list[Split], max_iter: int = 5000) -> dict:
@@ -366,19 +359,35 @@ def load_examples(args: argparse.Namespace, selection: Selection) -> Examples:
         frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
         examples = frame_examples(selection.paths, frames_of, window, args.max_frames, args.seed)
     else:
-        X, file_index = pooled_features(args, selection.paths)
-        y = np.array(selection.labels)[file_index]
-        examples = Examples(X, y.astype(float) if args.task == "regress" else y, file_index)
-        if selection.groups is not None:
-            examples.groups = np.array(selection.groups)[examples.file_index]
+        examples = file_examples(selection, *pooled_features(args, selection.paths), args.task == "regress")
+    return with_split(examples, selection, args.task == "regress")
+
+
+def file_examples(selection: Selection, X: np.ndarray, file_index: np.ndarray,
+                  regress: bool = False) -> Examples:
+    """The pooled features X (N, D) of the files selection.paths[file_index] with their labels and groups."""
+    y = np.array(selection.labels)[file_index]
+    examples = Examples(X, y.astype(float) if regress else y, file_index)
+    if selection.groups is not None:
+        examples.groups = np.array(selection.groups)[file_index]
+    return examples
+
+
+def with_split(examples: Examples, selection: Selection, regress: bool = False) -> Examples:
+    """The examples with the selection's fixed test split, if any, checked for two classes at least."""
     if selection.test_mask is not None:
         examples.test_mask = selection.test_mask[examples.file_index]
-    if args.task == "classify":
+    if not regress:
         check_classes(list(examples.y))  # again: frame labels, or unreadable files may have left one class
     return examples
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--suite" or arg.startswith("--suite=") for arg in argv):
+        import suite  # imported here: the suite has flags of its own, and builds on this module
+        suite.main(argv)
+        return
     args = parse_args(argv)
     ensure_writable_file(args.json, "--json")  # before the work: a result must not be lost at the end
     if args.cache_dir:

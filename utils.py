@@ -14,12 +14,14 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 import torch
 import torch.distributed as dist
 
@@ -162,6 +164,56 @@ def fsdd_test_mask(files: list[str], data_dir: Path) -> np.ndarray:
         raise UserError(f"--split fsdd-official needs FSDD names {{digit}}_{{speaker}}_{{index}}.wav, "
                         f"but {len(unnamed)} files differ (e.g. {unnamed[0]}).")
     return np.array([int(i) < FSDD_TEST_REPETITIONS for i in index])
+
+
+# ----- cross-validation ---------------------------------------------------------------------------
+
+Split = tuple[str, np.ndarray, np.ndarray]  # (fold name, training rows, test rows)
+
+
+def cross_validation(y: np.ndarray, n_folds: int, seed: int, test_mask: np.ndarray | None = None,
+                     groups: np.ndarray | None = None, group_folds: int = 0, group_name: str = "group",
+                     group_remedy: str = "check --group-column", regress: bool = False,
+                     class_remedy: str = "drop the rare classes from the labels or add data"
+                     ) -> tuple[str, list[Split]]:
+    """(description, splits) of the rows of y (probe.py's and finetune.py's), the first that applies:
+    - test_mask: the fixed split, training on the other rows;
+    - groups: folds disjoint in groups, one group out per fold, or group_folds folds when that is at least
+      2 and less than the number of groups;
+    - regress: shuffled k-fold (k = n_folds, at least 2);
+    - otherwise stratified k-fold, k shrunk to the smallest class (with a warning).
+    The remedies end the errors a user can cause: too few groups, a class too small."""
+    from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut, StratifiedKFold
+
+    rows = np.arange(len(y))
+    if test_mask is not None:
+        if test_mask.all() or not test_mask.any():
+            raise UserError("The fixed split leaves no training or no test files; check the file names.")
+        return "FSDD official split", [("test", rows[~test_mask], rows[test_mask])]
+    if groups is not None:
+        distinct = len(set(groups))
+        if distinct < 2:
+            raise UserError(f"Folds by {group_name} need at least two {group_name}s; {group_remedy}.")
+        if 2 <= group_folds < distinct:
+            splits = GroupKFold(n_splits=group_folds).split(rows, groups=groups)
+            return f"{group_folds}-fold by {group_name}", numbered(splits)
+        splits = LeaveOneGroupOut().split(rows, groups=groups)
+        return f"leave-one-{group_name}-out", [(str(groups[test[0]]), train, test) for train, test in splits]
+    k = max(2, n_folds)
+    if regress:
+        return f"{k}-fold", numbered(KFold(n_splits=k, shuffle=True, random_state=seed).split(rows))
+    smallest = min(Counter(y.tolist()).values())
+    if smallest < 2:
+        raise UserError(f"Every class needs at least 2 examples for cross-validation; {class_remedy}.")
+    if smallest < k:
+        log.warning("the smallest class has %d examples: using %d folds instead of %d", smallest, smallest, k)
+        k = smallest
+    splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(rows, y)
+    return f"stratified {k}-fold", numbered(splits)
+
+
+def numbered(splits: Iterator[tuple[np.ndarray, np.ndarray]]) -> list[Split]:
+    return [(str(i + 1), train, test) for i, (train, test) in enumerate(splits)]
 
 
 # ----- evaluation metrics -------------------------------------------------------------------------
@@ -518,15 +570,17 @@ def ensure_writable_file(path: Path, flag: str) -> None:
 def add_threads_argument(group: argparse._ArgumentGroup) -> None:
     """--threads, the same in every entry script."""
     group.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads of PyTorch per process (default: its own, one per core); give 1 "
-                            "on a CPU that other jobs share, where threads that wait for each other are far "
-                            "slower")
+                       help="CPU threads of PyTorch and of NumPy's BLAS per process (default: their own, "
+                            "one per core); give 1 on a CPU that other jobs share, where threads that wait "
+                            "for each other are far slower")
 
 
 def set_threads(threads: int | None) -> None:
-    """Apply --threads; None leaves PyTorch's default."""
+    """Apply --threads to PyTorch and to the BLAS under NumPy, SciPy and scikit-learn (a probe's logistic
+    regression ran 15 times slower with 2 BLAS threads on a loaded 2-core CPU); None leaves their defaults."""
     if threads:
         torch.set_num_threads(threads)
+        threadpoolctl.threadpool_limits(threads)  # stays in force for the rest of the process
 
 
 # ----- training: checkpoints and RNG state --------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import threadpoolctl
 import torch
 
 import extract
@@ -162,6 +163,7 @@ def test_every_entry_script_takes_threads(corpus, checkpoint, tmp_path):
     probe.main(["--data-dir", str(corpus), "--labels", "folder", "--features", str(checkpoint),
                 "--folds", "2", "--json", str(tmp_path / "p.json"), "--threads", "1", "--device", "cpu"])
     assert torch.get_num_threads() == 1
+    assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}  # NumPy's BLAS too
     for script in (vis, main):
         assert script.parse_args(["--data-dir", str(corpus), "--threads", "1"]).threads == 1
 

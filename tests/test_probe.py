@@ -14,6 +14,7 @@ import probe
 from data import make_demo_corpus
 from features import deltas, mel_filterbank, mfcc
 from model import UserError, Wav2Vec, Wav2VecConfig
+from utils import cross_validation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,14 @@ def test_leave_one_group_out_tests_each_group_on_its_own():
     for name, train, test in splits:
         assert set(groups[test]) == {name} and name not in set(groups[train])
     assert sorted(name for name, _, _ in splits) == ["ann", "bob", "cy"]
+
+
+def test_fewer_group_folds_than_groups_keep_each_group_on_one_side():  # finetune.py --folds 2 --group-column
+    groups = np.array(["ann", "bob", "cy", "dee"] * 3)
+    description, splits = cross_validation(np.array(["x", "y"] * 6), 2, seed=0, groups=groups, group_folds=2)
+    assert description == "2-fold by group" and len(splits) == 2
+    for _, train, test in splits:
+        assert not set(groups[train]) & set(groups[test])
 
 
 def test_frame_folds_never_put_one_file_on_both_sides():
@@ -242,7 +251,7 @@ def test_frame_level_probe_reads_the_demo_corpus_frame_labels(tmp_path):
     probe.main(["--data-dir", str(data), "--frame-level", "--features", "mfcc", "--max-frames", "300",
                 "--json", str(out)])
     result = json.loads(out.read_text())
-    assert result["n_examples"] == 300 and result["evaluation"] == "5-fold grouped by file"
+    assert result["n_examples"] == 300 and result["evaluation"] == "5-fold by file"
     assert result["n_classes"] >= 3 and result["accuracy"] > 0.5  # silence, vowels, fricatives
 
 

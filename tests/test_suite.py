@@ -1,0 +1,152 @@
+"""probe.py --suite fsdd (suite.py): every row and the plot, the single probe's numbers, caches, order."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import probe
+import suite
+from data import make_demo_corpus
+from model import UserError, Wav2Vec, Wav2VecConfig
+
+
+def write_fsdd(folder: Path) -> Path:
+    """A tiny FSDD-like folder: 2 digits (a low and a high tone) x 3 speakers (a pitch shift) x repetitions
+    0, 1 (official test) and 5, 6 (official train), 0.3 s at 8 kHz like FSDD."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.arange(2400) / 8000
+    for digit, hz in ((0, 300.0), (1, 1500.0)):
+        for s, speaker in enumerate(("ann", "bob", "cy")):
+            for index in (0, 1, 5, 6):
+                rng = np.random.default_rng((digit, s, index))
+                wav = 0.3 * np.sin(2 * np.pi * hz * (1 + 0.05 * s) * t) + 0.02 * rng.standard_normal(len(t))
+                sf.write(folder / f"{digit}_{speaker}_{index}.wav", wav, 8000)
+    return folder
+
+
+def write_checkpoint(path: Path, train_seconds: float | None, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16))
+    payload = {"config": model.config.to_dict(), "model": model.state_dict(), "step": 10}
+    if train_seconds is not None:
+        payload["train_seconds"] = train_seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("suite")
+    write_fsdd(root / "fsdd")
+    make_demo_corpus(root / "demo", num_speakers=2, files_per_speaker=2, seconds_per_file=1.0)
+    write_checkpoint(root / "run" / "checkpoint_20.pt", 300.0, seed=2)  # written first, trained longer
+    write_checkpoint(root / "run" / "checkpoint_10.pt", 60.0, seed=1)
+    return root
+
+
+def suite_args(workspace: Path, out: Path, *features: str, fsdd: Path | None = None) -> list[str]:
+    return ["--suite", "fsdd", "--data-dir", str(fsdd or workspace / "fsdd"), "--frames-dir",
+            str(workspace / "demo"), "--features", *features, "--cache-dir", str(out / "cache"),
+            "--json", str(out / "suite.json"), "--max-frames", "200", "--folds", "3", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_folder_result(workspace, tmp_path_factory) -> tuple[dict, str, Path]:
+    out = tmp_path_factory.mktemp("out")
+    capture = []
+    real_print = print
+    suite.print = lambda text: capture.append(text)  # the table, without capsys in a module fixture
+    try:
+        probe.main(suite_args(workspace, out, str(workspace / "run")))
+    finally:
+        suite.print = real_print
+    return json.loads((out / "suite.json").read_text()), capture[0], out
+
+
+def test_the_suite_writes_every_row_and_the_learning_curve(run_folder_result):
+    result, table, out = run_folder_result
+    names = [row["name"] for row in result["rows"]]
+    assert names == ["MFCC", "random z", "random c", "checkpoint_10.pt z", "checkpoint_10.pt c",
+                     "checkpoint_20.pt z", "checkpoint_20.pt c"]
+    full = set(suite.TASKS)
+    assert [set(row["tasks"]) for row in result["rows"]] == [full] * 3 + [{"digits_loso"}] * 2 + [full] * 2
+    assert all(0 <= task["accuracy"] <= 1 and task["fold_accuracies"] for row in result["rows"]
+               for task in row["tasks"].values())
+    assert (out / "learning_curve.png").stat().st_size > 0
+    assert table.splitlines()[0].startswith("| features | digits, leave-one-speaker-out |")
+    assert len(table.splitlines()) == 2 + len(names) and "| checkpoint_10.pt z |" in table
+
+
+def test_the_learning_curve_orders_checkpoints_by_training_time(run_folder_result):
+    curve = run_folder_result[0]["learning_curve"]
+    assert [point["train_minutes"] for point in curve] == [1.0, 5.0]
+    assert [Path(point["checkpoint"]).name for point in curve] == ["checkpoint_10.pt", "checkpoint_20.pt"]
+
+
+def test_checkpoints_without_training_time_get_the_whole_table_and_come_last(workspace, tmp_path):
+    untimed = write_checkpoint(tmp_path / "fairseq_like.pt", None)
+    sources = suite.checkpoint_sources([untimed, workspace / "run" / "checkpoint_20.pt",
+                                        workspace / "run" / "checkpoint_10.pt"])
+    assert [Path(s.spec).name for s in sources] == ["checkpoint_10.pt", "checkpoint_20.pt", "fairseq_like.pt"]
+    assert [len(s.tasks) for s in sources] == [1, 4, 4]
+
+
+@pytest.mark.parametrize("task", ["digits_loso", "digits_official", "speaker_id", "frames"])
+def test_a_suite_row_equals_the_single_probe(workspace, run_folder_result, tmp_path, task):
+    result, _, _ = run_folder_result
+    row = next(row for row in result["rows"] if row["name"] == "checkpoint_20.pt z")
+    data_dir = workspace / ("demo" if task == "frames" else "fsdd")
+    probe.main(["--data-dir", str(data_dir), *suite.TASKS[task][1], "--features",
+                str(workspace / "run" / "checkpoint_20.pt"), "--layer", "z", "--pool", "mean+std",
+                "--folds", "3", "--max-frames", "200", "--threads", "1", "--json",
+                str(tmp_path / "single.json")])
+    single = json.loads((tmp_path / "single.json").read_text())
+    for key in ("accuracy", "macro_f1", "fold_accuracies", "fold_names", "n_examples"):
+        assert row["tasks"][task][key] == single[key]
+
+
+def test_cached_scores_are_reused_and_recomputed_when_their_inputs_change(workspace, tmp_path, monkeypatch):
+    args = suite_args(workspace, tmp_path, str(workspace / "run" / "checkpoint_20.pt"),
+                      fsdd=write_fsdd(tmp_path / "fsdd"))
+    scored = []  # (task, examples) of each score computed; a stand-in result keeps the test fast
+    monkeypatch.setattr(suite, "score", lambda args, task, examples: scored.append((task, len(examples.y)))
+                        or {"accuracy": 0.5, "seconds": 0.0})
+    suite.main(args)
+    assert len(scored) == 5 * 4  # MFCC, random z and c, checkpoint z and c; four tasks each
+    suite.main(args)
+    rows = json.loads((tmp_path / "suite.json").read_text())["rows"]
+    assert len(scored) == 5 * 4 and all(task["cached"] for row in rows for task in row["tasks"].values())
+    wav, rate = sf.read(tmp_path / "fsdd" / "0_ann_0.wav")
+    sf.write(tmp_path / "fsdd" / "0_ann_0.wav", wav[:-80], rate)  # the FSDD scores again, not the frames'
+    suite.main(args)
+    again = [task for task, _ in scored[5 * 4:]]
+    assert sorted(set(again)) == ["digits_loso", "digits_official", "speaker_id"] and len(again) == 3 * 5
+
+
+def test_a_folder_without_fsdd_names_is_one_clear_sentence(workspace, tmp_path):
+    sf.write(tmp_path / "hello.wav", np.zeros(8000), 8000)
+    with pytest.raises(UserError, match="No FSDD-named files"):
+        suite.select(suite.parse_args(["--suite", "fsdd", "--data-dir", str(tmp_path), "--features", "x.pt",
+                                       "--json", str(tmp_path / "o.json")]))
+
+
+def test_a_missing_data_folder_is_one_clear_sentence(tmp_path):
+    with pytest.raises(UserError, match="No folder .*nowhere: give --data-dir"):
+        suite.parse_args(["--suite", "fsdd", "--data-dir", str(tmp_path / "nowhere"), "--features", "x.pt",
+                          "--json", str(tmp_path / "o.json")])
+
+
+def test_an_unreadable_checkpoint_is_one_clear_sentence(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="bad.pt is corrupt or not a wav2vec checkpoint"):
+        suite.checkpoint_sources(suite.checkpoint_paths([str(tmp_path / "bad.pt")]))
+
+
+def test_a_folder_without_checkpoints_is_one_clear_sentence(tmp_path):
+    with pytest.raises(UserError, match="holds no checkpoint_<step>.pt or latest.pt"):
+        suite.checkpoint_paths([str(tmp_path)])
