@@ -18,10 +18,12 @@ wav2vec large, as flags here (README, *fairseq's large recipe*, lists what still
 wav2vec_large --loss-type contrastive --segment-length 150000 --batch-size 10 --lr 5e-3 --warmup-updates 500
 --min-lr 1e-6 --max-updates 400000 --clip-norm 275 --precision fp16, on as many GPUs as fairseq used.
 
-The default objective is InfoNCE, not the paper's binary loss: from a random start the binary loss first
-falls to its collapsed value (every score equal); at 512 channels it sat there for about 300 updates
-without warm-up and was heading there with one, while InfoNCE with a warm-up learned from the first
-updates (README, *Collapse* and *Does pre-training help?*).
+The default model is the paper's base layout at 128 channels (--model wav2vec_small): on a 2-core CPU it
+learned the most per hour of the widths we screened (README, *Choosing the default recipe*); --model wav2vec
+is the paper's 512 channels. The default objective is InfoNCE, not the paper's binary loss: from a random
+start the binary loss first falls to its collapsed value (every score equal); at 512 channels it sat there
+for about 300 updates without warm-up and was heading there with one, while InfoNCE with a warm-up learned
+from the first updates (README, *Collapse* and *Does pre-training help?*).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ DEMO_DIR = Path("data/demo")
 # A small model that learns visibly in about a minute on a 2-core CPU; explicit flags override these.
 # One thread: on a CPU shared with other jobs, two OpenMP threads that wait for each other made the demo
 # 8 times slower (544 s against 66 s).
-DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), channels=128, segment_length=16000, batch_size=8, epochs=100,
+DEMO_DEFAULTS = dict(data_dir=str(DEMO_DIR), segment_length=16000, batch_size=8, epochs=100,
                      max_updates=400, lr=2e-3, warmup_updates=40, num_workers=0, threads=1, log_every=10,
                      valid_fraction=0.05)
 COLLAPSE_UPDATES = 300  # updates at the collapsed loss before the run warns (escapes took 50-300)
@@ -161,16 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: the CPUs available less one, at most 4)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
-                       help="wav2vec: the paper's base (5 + 9 conv layers); wav2vec_large: the released one; "
+    model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec_small",
+                       help="wav2vec_small: the paper's base layout (5 + 9 conv layers) at 128 channels, the "
+                            "most learned per CPU-hour we measured (README: Choosing the default recipe); "
+                            "wav2vec: the paper's base at 512 channels; wav2vec_large: the released one; "
                             "wav2vec_tiny: 64 channels, per-frame LayerNorm, streams (README: On the device)")
     model.add_argument("--channels", type=positive_int, default=None,
-                       help="width of every layer (default: the preset's, 512 or 64 for wav2vec_tiny)")
+                       help="width of every layer (default: the preset's: 128, 512, 512 or 64)")
     model.add_argument("--norm", choices=("group", "layer"), default=None,
                        help="group: statistics over each crop's channels and time (the paper's; default of "
-                            "both base presets); layer: per frame, strictly causal, so the model streams")
+                            "all presets but wav2vec_tiny); layer: per frame, strictly causal, so the model "
+                            "streams")
     model.add_argument("--skip-connections", action=argparse.BooleanOptionalAction, default=None,
-                       help="residual connections around the context layers (default: on in both presets; "
+                       help="residual connections around the context layers (default: on in every preset; "
                             "without them the binary loss collapses, see README)")
 
     objective = parser.add_argument_group("objective")

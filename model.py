@@ -61,8 +61,9 @@ class Wav2VecConfig:
 
     @classmethod
     def preset(cls, name: str, channels: int | None = None, **overrides) -> Wav2VecConfig:
-        """The paper's base model ("wav2vec"), the released large model ("wav2vec_large") or the streamable
-        keyword-spotting size ("wav2vec_tiny"); `channels` sets every width (default: the preset's own)."""
+        """The paper's base model ("wav2vec"), its layout at 128 channels ("wav2vec_small"), the released
+        large model ("wav2vec_large") or the streamable keyword-spotting size ("wav2vec_tiny"); `channels`
+        sets every width (default: the preset's own)."""
         if name not in PRESETS:
             raise UserError(f"Unknown model {name!r}: choose one of {sorted(PRESETS)}.")
         config = PRESETS[name]
@@ -125,6 +126,14 @@ PRESETS = {
     # within ~20 updates to its trivial point (every score -ln 10, c constant over time) and stayed there
     # in every run we tried; with them it leaves it after 50-300 updates (speechocean762, demo corpus).
     "wav2vec": Wav2VecConfig(skip_connections=True),
+    # The base layout at 128 channels (972,800 parameters): main.py's default. On a 2-core CPU it makes ~10x
+    # the updates of the 512-channel base per hour, and per CPU-minute its features were the best we measured
+    # (README: "Choosing the default recipe").
+    "wav2vec_small": Wav2VecConfig(
+        encoder_layers=_with_width(ENCODER_BASE, 128),
+        context_layers=((128, 3, 1),) * 9,
+        skip_connections=True,
+    ),
     # The released wav2vec_large.pt: two extra pointwise encoder layers, 12 context layers of kernel
     # 2..13 with skip connections, log compression (32,537,088 parameters).
     "wav2vec_large": Wav2VecConfig(

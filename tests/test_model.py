@@ -30,8 +30,9 @@ def test_frame_count_equals_real_output_length(preset):
     assert model.num_frames(464) == 0
 
 
-@pytest.mark.parametrize("preset, expected", [("wav2vec", 15_491_072), ("wav2vec_large", 32_537_088)])
-def test_parameter_count_of_presets_at_512_channels(preset, expected):
+@pytest.mark.parametrize("preset, expected", [("wav2vec", 15_491_072), ("wav2vec_large", 32_537_088),
+                                              ("wav2vec_small", 972_800)])
+def test_parameter_count_of_presets(preset, expected):
     assert Wav2Vec(Wav2VecConfig.preset(preset)).num_parameters() == expected
 
 

@@ -229,6 +229,15 @@ def test_fp16_alias_selects_fp16():
     assert main.parse_args(["--data-dir", "x", "--fp16"]).precision == "fp16"
 
 
+def test_the_default_model_is_the_base_layout_at_128_channels():
+    config = main.build_config(main.parse_args(["--data-dir", "x"]))
+    base = main.Wav2VecConfig.preset("wav2vec")
+    assert {c for c, _, _ in config.encoder_layers + config.context_layers} == {128}
+    assert [k for _, k, _ in config.context_layers] == [k for _, k, _ in base.context_layers]
+    paper = main.build_config(main.parse_args(["--data-dir", "x", "--model", "wav2vec"]))
+    assert paper.context_layers == base.context_layers and paper.encoder_layers == base.encoder_layers
+
+
 def test_demo_defaults_give_way_to_explicit_flags():
     args = main.parse_args(["--demo", "--channels", "48"])
     assert args.channels == 48 and args.segment_length == main.DEMO_DEFAULTS["segment_length"]
