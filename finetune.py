@@ -91,7 +91,7 @@ log = logging.getLogger(__name__)
 
 FRAMES_PER_SECOND = 100  # wav2vec and MFCC frames are 10 ms apart
 MASK_SPAN = 5  # frames per masked span with --mask-frames (50 ms)
-STATS_FILES = 200  # training files whose frames set the head's input standardisation
+STATS_FILES = 200  # training files, spread over the fold, whose frames set the head's standardisation
 
 
 # ----- the model: backbone, pooling, head ----------------------------------------------------------
@@ -433,8 +433,10 @@ def batch_frames(model: Classifier, items: Sequence, stage: str, device: torch.d
 
 @torch.no_grad()
 def set_feature_statistics(model: Classifier, inputs: Sequence, stage: str, device: torch.device) -> None:
-    """Per-channel mean and std of the (mixed) frames of up to STATS_FILES training files."""
-    frames = [model.mix(batch_frames(model, [item], stage, device)[0])[0] for item in inputs[:STATS_FILES]]
+    """Per-channel mean and std of the (mixed) frames of up to STATS_FILES training files spread over the
+    fold (not its first files: sorted names put one class or speaker first)."""
+    spread = [inputs[i] for i in np.linspace(0, len(inputs) - 1, min(STATS_FILES, len(inputs))).astype(int)]
+    frames = [model.mix(batch_frames(model, [item], stage, device)[0])[0] for item in spread]
     every = torch.cat(frames, -1)  # (C, all frames)
     model.feature_mean.copy_(every.mean(-1))
     model.feature_std.copy_(every.std(-1).clamp(min=1e-5))
