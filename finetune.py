@@ -30,8 +30,9 @@ path) gives {"label", "probabilities"} or {"value"}.
   --max-minutes) applies to each fold; --max-folds runs only the first folds.
 - Outputs in --output-dir: metrics.json (over all tested files, and per fold), predictions.csv (every
   tested file: fold, true, predicted, probabilities), confusion_matrix.png or scatter.png, finetuned.pt
-  (the model of the last fold trained: backbone config and weights, head, label names, the flags; loads
-  with torch.load(weights_only=True)), train.log and TensorBoard curves in tensorboard/.
+  (the model of the fold with the best validation score, named in metrics.json's saved_model; the last
+  fold's without validation files: backbone config and weights, head, label names, the flags; loads with
+  torch.load(weights_only=True)), train.log and TensorBoard curves in tensorboard/.
 """
 
 from __future__ import annotations
@@ -674,7 +675,7 @@ def plot_results(config: HeadConfig, true: Sequence, predicted: Sequence, path: 
 
 def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, description: str,
                   tested: list[tuple[str, np.ndarray, FoldResult]]) -> dict:
-    """metrics.json, predictions.csv, the plot and finetuned.pt (the last fold's model)."""
+    """metrics.json, predictions.csv, the plot and finetuned.pt (the model of saved_fold)."""
     config = tested[-1][2].model.config
     names = [data.names[i] for _, test, _ in tested for i in test]
     predictions = [p for _, _, result in tested for p in result.predictions]
@@ -694,13 +695,29 @@ def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, descriptio
         plot_results(config, true, [p["label"] for p in predictions], out / "confusion_matrix.png", title)
     else:
         plot_results(config, targets, [p["value"] for p in predictions], out / "scatter.png", title)
-    fold, test, result = tested[-1]
+    fold, test, result = saved_fold(tested)
+    metrics["saved_model"] = {"fold": fold, "valid": result.metrics.get("valid"),
+                              "chosen_by": "best validation score" if "valid" in result.metrics
+                              else "last fold (no validation split)"}
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     save_checkpoint(result.model.cpu().payload({"args": flags, "fold": fold,
                                                 "test_files": [data.names[i] for i in test],
                                                 "metrics": json.loads(json.dumps(result.metrics))}),
                     out / "finetuned.pt")
     return metrics
+
+
+def saved_fold(tested: list[tuple[str, np.ndarray, FoldResult]]) -> tuple[str, np.ndarray, FoldResult]:
+    """The fold whose model finetuned.pt keeps: the best on its own validation files (the first of equals;
+    no test file has a say), or the last fold when nothing was held out for validation."""
+    if any("valid" not in result.metrics for _, _, result in tested):
+        return tested[-1]
+    config = tested[0][2].model.config
+    best = tested[0]
+    for candidate in tested[1:]:
+        if better(config, candidate[2].metrics["valid"], best[2].metrics["valid"]):
+            best = candidate
+    return best
 
 
 # ----- command line -------------------------------------------------------------------------------
