@@ -30,8 +30,9 @@ path) gives {"label", "probabilities"} or {"value"}.
   --max-minutes) applies to each fold; --max-folds runs only the first folds.
 - Outputs in --output-dir: metrics.json (over all tested files, and per fold), predictions.csv (every
   tested file: fold, true, predicted, probabilities), confusion_matrix.png or scatter.png, finetuned.pt
-  (the model of the last fold trained: backbone config and weights, head, label names, the flags; loads
-  with torch.load(weights_only=True)), train.log and TensorBoard curves in tensorboard/.
+  (the model of the fold with the best validation score, named in metrics.json's saved_model; the last
+  fold's without validation files: backbone config and weights, head, label names, the flags; loads with
+  torch.load(weights_only=True)), train.log and TensorBoard curves in tensorboard/.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ log = logging.getLogger(__name__)
 
 FRAMES_PER_SECOND = 100  # wav2vec and MFCC frames are 10 ms apart
 MASK_SPAN = 5  # frames per masked span with --mask-frames (50 ms)
-STATS_FILES = 200  # training files whose frames set the head's input standardisation
+STATS_FILES = 200  # training files, spread over the fold, whose frames set the head's standardisation
 
 
 # ----- the model: backbone, pooling, head ----------------------------------------------------------
@@ -402,8 +403,10 @@ def batch_frames(model: Classifier, items: Sequence, stage: str, device: torch.d
 
 @torch.no_grad()
 def set_feature_statistics(model: Classifier, inputs: Sequence, stage: str, device: torch.device) -> None:
-    """Per-channel mean and std of the (mixed) frames of up to STATS_FILES training files."""
-    frames = [model.mix(batch_frames(model, [item], stage, device)[0])[0] for item in inputs[:STATS_FILES]]
+    """Per-channel mean and std of the (mixed) frames of up to STATS_FILES training files spread over the
+    fold (not its first files: sorted names put one class or speaker first)."""
+    spread = [inputs[i] for i in np.linspace(0, len(inputs) - 1, min(STATS_FILES, len(inputs))).astype(int)]
+    frames = [model.mix(batch_frames(model, [item], stage, device)[0])[0] for item in spread]
     every = torch.cat(frames, -1)  # (C, all frames)
     model.feature_mean.copy_(every.mean(-1))
     model.feature_std.copy_(every.std(-1).clamp(min=1e-5))
@@ -641,7 +644,7 @@ def plot_results(config: HeadConfig, true: Sequence, predicted: Sequence, path: 
 
 def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, description: str,
                   tested: list[tuple[str, np.ndarray, FoldResult]]) -> dict:
-    """metrics.json, predictions.csv, the plot and finetuned.pt (the last fold's model)."""
+    """metrics.json, predictions.csv, the plot and finetuned.pt (the model of saved_fold)."""
     config = tested[-1][2].model.config
     names = [data.names[i] for _, test, _ in tested for i in test]
     predictions = [p for _, _, result in tested for p in result.predictions]
@@ -661,13 +664,29 @@ def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, descriptio
         plot_results(config, true, [p["label"] for p in predictions], out / "confusion_matrix.png", title)
     else:
         plot_results(config, targets, [p["value"] for p in predictions], out / "scatter.png", title)
-    fold, test, result = tested[-1]
+    fold, test, result = saved_fold(tested)
+    metrics["saved_model"] = {"fold": fold, "valid": result.metrics.get("valid"),
+                              "chosen_by": "best validation score" if "valid" in result.metrics
+                              else "last fold (no validation split)"}
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     save_checkpoint(result.model.cpu().payload({"args": flags, "fold": fold,
                                                 "test_files": [data.names[i] for i in test],
                                                 "metrics": json.loads(json.dumps(result.metrics))}),
                     out / "finetuned.pt")
     return metrics
+
+
+def saved_fold(tested: list[tuple[str, np.ndarray, FoldResult]]) -> tuple[str, np.ndarray, FoldResult]:
+    """The fold whose model finetuned.pt keeps: the best on its own validation files (the first of equals;
+    no test file has a say), or the last fold when nothing was held out for validation."""
+    if any("valid" not in result.metrics for _, _, result in tested):
+        return tested[-1]
+    config = tested[0][2].model.config
+    best = tested[0]
+    for candidate in tested[1:]:
+        if better(config, candidate[2].metrics["valid"], best[2].metrics["valid"]):
+            best = candidate
+    return best
 
 
 # ----- command line -------------------------------------------------------------------------------

@@ -111,6 +111,15 @@ def test_padding_does_not_change_pooled_features(how):
                           atol=1e-6)
 
 
+def test_feature_statistics_come_from_files_spread_over_the_fold(monkeypatch):
+    monkeypatch.setattr(finetune, "STATS_FILES", 4)
+    config = finetune.HeadConfig(labels=("a", "b"), backbone="mfcc", channels=1)
+    model = finetune.Classifier(config, None)
+    frames = [torch.full((1, 10), float(i >= 50)) for i in range(100)]  # sorted: zeros first, then ones
+    finetune.set_feature_statistics(model, frames, "frames", torch.device("cpu"))
+    assert model.feature_mean.item() == pytest.approx(0.5)
+
+
 # ----- saved models --------------------------------------------------------------------------------
 
 def read_csv(path: Path) -> list[dict]:
@@ -132,6 +141,30 @@ def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones
     for name, row in predicted.items():
         assert row["predicted"] == trained[name]["predicted"]
         assert float(row["p_300"]) == pytest.approx(float(trained[name]["p_300"]), abs=1e-4)
+
+
+def fold_result(name: str, accuracy: float | None) -> tuple:
+    metrics = {} if accuracy is None else {"valid": {"accuracy": accuracy, "loss": 1.0}}
+    model = finetune.Classifier(finetune.HeadConfig(labels=("a", "b"), backbone="mfcc", channels=2), None)
+    return name, np.arange(2), finetune.FoldResult(model, [], metrics)
+
+
+def test_the_saved_model_is_the_fold_best_on_its_validation_files():
+    tested = [fold_result(name, accuracy) for name, accuracy in [("ann", 0.6), ("bob", 0.9), ("cy", 0.9)]]
+    assert finetune.saved_fold(tested)[0] == "bob"  # the first of equals
+
+
+def test_without_validation_files_the_saved_model_is_the_last_folds():
+    assert finetune.saved_fold([fold_result("ann", None), fold_result("bob", None)])[0] == "bob"
+
+
+def test_metrics_name_the_fold_that_finetuned_pt_holds(tmp_path, tones):
+    metrics = run(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--epochs", "2")
+    saved = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)
+    best = max(metrics["folds"].values(), key=lambda fold: fold["valid"]["accuracy"])["valid"]["accuracy"]
+    assert metrics["saved_model"]["fold"] == saved["fold"]
+    assert metrics["saved_model"]["chosen_by"] == "best validation score"
+    assert metrics["folds"][saved["fold"]]["valid"]["accuracy"] == best
 
 
 def test_finetuned_model_loads_with_weights_only_and_predicts_in_two_lines(tmp_path, tones):
