@@ -2,6 +2,8 @@
 and the drivers that run them. export.py and bench.py stand on this module.
 
 Offline graph: wav (B, L) -> z (B, C, T), c (B, C, T), any B and L (at least the receptive field).
+Classifier graph (a finetune.py model, backbone and head): wav (1, L) -> `logits` and `probabilities`
+(1, classes), or `value` (1,) for a regressor; every frame of the file is pooled, as Classifier.predict does.
 Streaming graph (model.StreamingStep, norm="layer" models only): inputs `hop` (1, 160) and `state_in_0..N`,
 outputs `z` (1, C, 1), `c` (1, C, 1) and `state_out_0..N`. Start from zeros of the declared state shapes
 (the last state is the int64 hop counter, a scalar), feed each call's state_out back as the next state_in,
@@ -16,6 +18,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +26,9 @@ import torch.nn as nn
 
 from data import find_audio_files, load_audio
 from model import StreamingStep, UserError, Wav2Vec
+
+if TYPE_CHECKING:
+    from finetune import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +56,46 @@ class OfflineExtractor(nn.Module):
         return z, self.model.context(z)
 
 
-def extractor_parameters(model: Wav2Vec) -> int:
-    """Parameters of what is exported: encoder and context network (the prediction head trains only)."""
+class ClassifierGraph(nn.Module):
+    """wav (1, L) -> a finetune.py model's logits and probabilities, or its value: backbone and head as one
+    graph. One file per call, as Classifier.predict runs it (GroupNorm statistics span the file)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        if classifier.backbone is None:
+            raise UserError("This finetuned.pt reads MFCCs, which are computed in NumPy outside any graph: "
+                            "only a model fine-tuned from a wav2vec checkpoint (or random) exports.")
+        self.classifier = classifier.eval()
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", "probabilities"] if self.classifier.config.task == "classify" else ["value"]
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.classifier
+        z = model.latent(wav[0])
+        mask = torch.ones_like(z[:1], dtype=torch.bool)  # (1, T) from a tensor: T stays dynamic in the graph
+        outputs = model.head(model.frames(z)[None], mask)
+        if model.config.task == "classify":
+            return outputs, outputs.softmax(-1)
+        return (outputs[:, 0] * model.config.target_std + model.config.target_mean,)
+
+
+def extractor_parameters(model: Wav2Vec | Classifier) -> int:
+    """Parameters of what is exported: encoder and context network (the prediction head trains only), and a
+    fine-tuned model's head."""
+    if not isinstance(model, Wav2Vec):
+        head = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("backbone."))
+        return extractor_parameters(model.backbone) + head
     return sum(p.numel() for part in (model.encoder, model.context) for p in part.parameters())
 
 
-def graph_form(model: Wav2Vec, streaming: bool) -> tuple[nn.Module, tuple, list[str], list[str]]:
-    """(module, example inputs, input names, output names) of the offline or the streaming graph."""
+def graph_form(model: Wav2Vec | Classifier, streaming: bool) -> tuple[nn.Module, tuple, list[str], list[str]]:
+    """(module, example inputs, input names, output names) of the offline, streaming or classifier graph."""
     model = model.eval()
+    if not isinstance(model, Wav2Vec):  # a finetune.Classifier
+        graph = ClassifierGraph(model)
+        return graph, (torch.zeros(1, 16000),), ["wav"], graph.output_names
     if not streaming:
         return OfflineExtractor(model), (torch.zeros(1, 16000),), ["wav"], ["z", "c"]
     step = StreamingStep(model).eval()
@@ -67,8 +105,12 @@ def graph_form(model: Wav2Vec, streaming: bool) -> tuple[nn.Module, tuple, list[
             ["z", "c", *(f"state_out_{i}" for i in names)])
 
 
-def graph_metadata(model: Wav2Vec, streaming: bool) -> dict[str, str]:
-    """What a runtime needs beside the graph: the form, stride, warm-up hops and the model config."""
+def graph_metadata(model: Wav2Vec | Classifier, streaming: bool) -> dict[str, str]:
+    """What a runtime needs beside the graph: the form, stride, warm-up hops, the model config (and a
+    classifier's head config, with its label names)."""
+    if not isinstance(model, Wav2Vec):
+        return {**graph_metadata(model.backbone, False), "form": "classifier",
+                "head_config": json.dumps(model.config.to_dict())}
     meta = {"form": "streaming" if streaming else "offline", "stride": str(model.config.stride),
             "receptive_field": str(model.receptive_field), "config": json.dumps(model.config.to_dict())}
     if streaming:
@@ -76,21 +118,26 @@ def graph_metadata(model: Wav2Vec, streaming: bool) -> dict[str, str]:
     return meta
 
 
-def export_onnx(model: Wav2Vec, path: Path, streaming: bool = False, dynamo: bool = False) -> None:
-    """Write the offline (dynamic batch and length) or streaming graph of `model` as ONNX to `path`."""
+def export_onnx(model: Wav2Vec | Classifier, path: Path, streaming: bool = False,
+                dynamo: bool = False) -> None:
+    """Write the offline (dynamic batch and length), streaming or classifier (dynamic length) graph of `model`
+    as ONNX to `path`."""
     module, example, inputs, outputs = graph_form(model, streaming)
+    classifier = isinstance(module, ClassifierGraph)
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated but exports this model in seconds where the dynamo one
         # takes minutes; its tracer warns about Python ints from shapes, which are fixed by design here.
         warnings.simplefilter("ignore")
         if dynamo:
-            dims = {"wav": {0: torch.export.Dim("batch"),
-                            1: torch.export.Dim("samples", min=model.receptive_field)}}
+            backbone = model.backbone if classifier else model
+            samples = torch.export.Dim("samples", min=backbone.receptive_field)
+            dims = {"wav": {1: samples} if classifier else {0: torch.export.Dim("batch"), 1: samples}}
             torch.onnx.export(module, example, dynamo=True, input_names=inputs, output_names=outputs,
                               dynamic_shapes=None if streaming else dims).save(str(path))
         else:
-            axes = {"wav": {0: "batch", 1: "samples"}, "z": {0: "batch", 2: "frames"},
-                    "c": {0: "batch", 2: "frames"}}
+            axes = ({"wav": {1: "samples"}} if classifier else
+                    {"wav": {0: "batch", 1: "samples"}, "z": {0: "batch", 2: "frames"},
+                     "c": {0: "batch", 2: "frames"}})
             torch.onnx.export(module, example, str(path), input_names=inputs, output_names=outputs,
                               dynamic_axes=None if streaming else axes, opset_version=OPSET, dynamo=False)
     write_onnx_metadata(path, graph_metadata(model, streaming))
@@ -124,8 +171,9 @@ def compact_names(graph) -> None:
     del graph.value_info[:]
 
 
-def export_torchscript(model: Wav2Vec, path: Path, streaming: bool = False) -> None:
-    """Write the offline or streaming graph as a traced TorchScript module (torch.jit.load reads it)."""
+def export_torchscript(model: Wav2Vec | Classifier, path: Path, streaming: bool = False) -> None:
+    """Write the offline, streaming or classifier graph as a traced TorchScript module (torch.jit.load reads
+    it)."""
     module, example, _, _ = graph_form(model, streaming)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about shape ints, fixed by design here
@@ -146,10 +194,11 @@ def onnx_session(path: Path, threads: int = 1):
 
 
 def onnx_offline(session, wav: np.ndarray) -> dict[str, np.ndarray]:
-    """wav (L,) or (B, L) through an offline graph -> {"z": (B, C, T), "c": (B, C, T)}."""
+    """wav (L,) or (B, L) through an offline graph -> {"z": (B, C, T), "c": (B, C, T)}; through a classifier
+    graph (B = 1) -> {"logits", "probabilities"} or {"value"}."""
     wav = np.ascontiguousarray(np.atleast_2d(wav), dtype=np.float32)
-    z, c = session.run(["z", "c"], {"wav": wav})
-    return {"z": z, "c": c}
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"wav": wav}), strict=True))
 
 
 class OnnxStreamer:

@@ -1,5 +1,6 @@
 """export.py and ondevice.py: ONNX and TorchScript equal PyTorch, offline and streaming; int8 stays close."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import export
 import ondevice
 from data import make_demo_corpus
+from finetune import Classifier, HeadConfig
 from model import StreamingStep, UserError, Wav2Vec, Wav2VecConfig
 
 
@@ -116,3 +118,64 @@ def test_missing_export_packages_are_named_with_the_install_command(monkeypatch)
     monkeypatch.setattr(ondevice.importlib, "import_module", not_installed)
     with pytest.raises(UserError, match=r"onnxruntime is not installed: .*requirements-device.txt"):
         ondevice.onnx_session(Path("any.onnx"))
+
+
+def fine_tuned(task: str, **head) -> Classifier:
+    """A finetune.py model on a tiny base backbone, with every weight and the standardisation moved off its
+    initial value, as training would."""
+    torch.manual_seed(0)
+    config = HeadConfig(task=task, labels=("no", "yes", "stop") if task == "classify" else (), channels=8,
+                        num_layers=9, hidden=16, target_mean=3.0, target_std=2.0, **head)
+    model = Classifier(config, Wav2VecConfig.preset("wav2vec", channels=8))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        model.feature_mean.normal_()
+        model.feature_std.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("task, head", [("classify", {"layer": "c", "pool": "mean", "head": "linear"}),
+                                        ("classify", {"layer": "all", "pool": "attentive", "head": "mlp"}),
+                                        ("regress", {"layer": "z", "pool": "mean+std", "head": "linear"})])
+def test_a_fine_tuned_head_exports_with_its_backbone_as_one_graph_equal_to_predict(tmp_path, task, head):
+    model, path = fine_tuned(task, **head), tmp_path / "classifier.onnx"
+    ondevice.export_onnx(model, path)
+    session = ondevice.onnx_session(path)
+    for length in (465, 3001, 8000):  # the graph's length is dynamic
+        wav = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+        got, want = ondevice.onnx_offline(session, wav), model.predict(wav)
+        if task == "classify":
+            want_probabilities = list(want["probabilities"].values())
+            np.testing.assert_allclose(got["probabilities"][0], want_probabilities, rtol=1e-4)
+        else:
+            np.testing.assert_allclose(got["value"], [want["value"]], rtol=1e-4)
+
+
+def test_export_cli_writes_a_fine_tuned_model_as_onnx_torchscript_and_int8(tmp_path):
+    checkpoint = tmp_path / "finetuned.pt"
+    torch.save(fine_tuned("classify").payload({}), checkpoint)  # what finetune.py writes
+    calibration = tmp_path / "calibration"
+    make_demo_corpus(calibration, num_speakers=1, files_per_speaker=4, seconds_per_file=1.0)
+    for fmt, quantize in (("onnx", []), ("torchscript", []),
+                          ("onnx", ["--quantize", "int8", "--calibration-dir", str(calibration)])):
+        report = export.main(["--checkpoint", str(checkpoint), "--format", fmt, *quantize,
+                              "--output", str(tmp_path / f"out.{fmt}{len(quantize)}")])
+        assert report["form"] == "classifier" and report["max_abs_diff_to_pytorch"] < 1e-4
+    assert report["same_label_fraction"] >= 0.75
+    labels = json.loads(ondevice.onnx_session(tmp_path / "out.onnx4").get_modelmeta()
+                        .custom_metadata_map["head_config"])["labels"]
+    assert labels == ["no", "yes", "stop"]
+
+
+def test_a_fine_tuned_model_cannot_be_exported_as_a_stream(tmp_path):
+    checkpoint = tmp_path / "finetuned.pt"
+    torch.save(fine_tuned("classify").payload({}), checkpoint)
+    with pytest.raises(UserError, match="drop --streaming"):
+        export.main(["--checkpoint", str(checkpoint), "--streaming", "--output", str(tmp_path / "x.onnx")])
+
+
+def test_an_mfcc_head_is_refused_with_the_reason():
+    model = Classifier(HeadConfig(labels=("a", "b"), backbone="mfcc", channels=26), None)
+    with pytest.raises(UserError, match="MFCCs.*NumPy"):
+        ondevice.export_onnx(model, Path("never-written.onnx"))
