@@ -1,13 +1,14 @@
 """Export a pre-trained model for on-device use: ONNX or TorchScript, offline or streaming, fp32 or int8.
 
-    python export.py --checkpoint CKPT --format onnx|torchscript [--streaming] --output FILE
+    python export.py --checkpoint CKPT --format onnx|torchscript [--streaming [--hops-per-call N]] \
+                     --output FILE
     python export.py --checkpoint CKPT --format onnx [--streaming] --quantize int8 --calibration-dir DIR \\
                      --output FILE.int8.onnx
 
 Offline: wav (B, L) -> z (B, C, T), c (B, C, T), any batch and length. --streaming (models with
-norm="layer", e.g. --model wav2vec_tiny): one hop of 160 samples and the state in, the hop's frame and
-the state out (see ondevice.py for the protocol). Every file written is loaded back, run on random audio
-and compared with PyTorch (largest absolute difference printed).
+norm="layer", e.g. --model wav2vec_tiny): one hop of 160 samples (or N hops) and the state in, the
+frame (N frames) and the state out (see ondevice.py for the protocol). Every file written is loaded back,
+run on random audio and compared with PyTorch (largest absolute difference printed).
 A finetune.py model (--checkpoint runs/ft/finetuned.pt) exports with its head as one graph: wav (1, L) ->
 logits and probabilities (classify) or value (regress), checked against Classifier.predict.
 --quantize int8 (ONNX): ONNX Runtime static quantization, per-channel int8 convolution weights and uint8
@@ -32,7 +33,7 @@ import torch
 import ondevice
 from finetune import Classifier
 from model import StreamingStep, UserError, Wav2Vec, read_checkpoint
-from utils import run_cli, setup_logging
+from utils import positive_int, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
     parser.add_argument("--streaming", action="store_true",
                         help="the streaming step (one 10 ms hop, state in and out), not the offline graph")
+    parser.add_argument("--hops-per-call", type=positive_int, default=1,
+                        help="--streaming: 10 ms hops per call (more: fewer calls, and more latency)")
     parser.add_argument("--output", type=Path, required=True, help="the file to write")
     parser.add_argument("--quantize", choices=("int8",), help="post-training static quantization (ONNX only)")
     parser.add_argument("--calibration-dir", type=Path, help="audio to calibrate int8 activations on")
@@ -109,9 +112,9 @@ def classifier_pairs(model: Classifier, run: Callable[..., tuple],
 
 
 def reference_and_exported(model: Wav2Vec | Classifier, run: Callable[..., tuple], streaming: bool,
-                           rng: np.random.Generator,
-                           stream_seconds: float = STREAM_SECONDS) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(PyTorch, exported) output pairs: offline over several lengths, or every hop of a random stream."""
+                           rng: np.random.Generator, stream_seconds: float = STREAM_SECONDS,
+                           hops: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(PyTorch, exported) output pairs: offline over several lengths, or every call of a random stream."""
     if isinstance(model, Classifier):
         return classifier_pairs(model, run, rng)
     if not streaming:
@@ -121,27 +124,27 @@ def reference_and_exported(model: Wav2Vec | Classifier, run: Callable[..., tuple
             want = model.extract_features(torch.from_numpy(wav))
             pairs += list(zip((want["z"].numpy(), want["c"].numpy()), run(wav)[:2], strict=True))
         return pairs
-    step = StreamingStep(model).eval()
+    step = StreamingStep(model, hops).eval()
     state = step.initial_state()
     exported = [s.numpy() for s in state]
     wav = rng.standard_normal((1, int(stream_seconds * 16000))).astype(np.float32)
-    pairs = []
+    pairs, samples = [], hops * model.config.stride
     with torch.no_grad():
-        for start in range(0, wav.shape[1] - step.model.config.stride + 1, step.model.config.stride):
-            hop = wav[:, start:start + step.model.config.stride]
-            z, c, *state = step(torch.from_numpy(hop), *state)
-            out = run(hop, *exported)
+        for start in range(0, wav.shape[1] - samples + 1, samples):
+            chunk = wav[:, start:start + samples]
+            z, c, *state = step(torch.from_numpy(chunk), *state)
+            out = run(chunk, *exported)
             exported = list(out[2:])  # the exported graph carries its own state from call to call
             pairs += [(z.numpy(), out[0]), (c.numpy(), out[1])]
     return pairs
 
 
 def parity(model: Wav2Vec | Classifier, path: Path, fmt: str, streaming: bool,
-           stream_seconds: float = STREAM_SECONDS) -> float:
+           stream_seconds: float = STREAM_SECONDS, hops: int = 1) -> float:
     """Largest |PyTorch - exported| over the parity inputs; raises if beyond rtol 1e-4 (a bug, not a user
     error)."""
     run = onnx_runner(path) if fmt == "onnx" else torchscript_runner(path)
-    pairs = reference_and_exported(model, run, streaming, np.random.default_rng(0), stream_seconds)
+    pairs = reference_and_exported(model, run, streaming, np.random.default_rng(0), stream_seconds, hops)
     for want, got in pairs:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     return max(float(np.abs(want - got).max()) for want, got in pairs)
@@ -198,8 +201,8 @@ def int8_report(fp32_path: Path, int8_path: Path, wavs: list[np.ndarray]) -> dic
         session = ondevice.onnx_session(path)
         if session.get_modelmeta().custom_metadata_map["form"] == "streaming":
             streamer = ondevice.OnnxStreamer(session)
-            seconds = median_seconds(lambda s=streamer: s.step(second[:s.stride]), repeats=200)
-            report[f"{name}_seconds_per_hop"] = round(seconds, 6)
+            seconds = median_seconds(lambda s=streamer: s.step(second[:s.samples]), repeats=200)
+            report[f"{name}_seconds_per_call"] = round(seconds, 6)
         else:
             seconds = median_seconds(lambda s=session: ondevice.onnx_offline(s, second))
             report[f"{name}_seconds_per_audio_second"] = round(seconds, 5)
@@ -215,16 +218,18 @@ def main(argv: list[str] | None = None) -> dict:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     exported = args.output.with_suffix(".fp32.onnx") if args.quantize else args.output
     if args.format == "onnx":
-        ondevice.export_onnx(model, exported, streaming=args.streaming, dynamo=args.dynamo)
+        ondevice.export_onnx(model, exported, streaming=args.streaming, dynamo=args.dynamo,
+                             hops=args.hops_per_call)
     else:
-        ondevice.export_torchscript(model, exported, streaming=args.streaming)
+        ondevice.export_torchscript(model, exported, streaming=args.streaming, hops=args.hops_per_call)
     form = "classifier" if isinstance(model, Classifier) else "streaming" if args.streaming else "offline"
     report = {"output": str(args.output), "format": args.format, "form": form,
               "parameters": ondevice.extractor_parameters(model),
               "bytes": exported.stat().st_size,
-              "max_abs_diff_to_pytorch": parity(model, exported, args.format, args.streaming)}
+              "max_abs_diff_to_pytorch": parity(model, exported, args.format, args.streaming,
+                                                hops=args.hops_per_call)}
     if args.streaming:
-        report["warmup_hops"] = StreamingStep(model).warmup_hops
+        report["warmup_hops"], report["hops_per_call"] = StreamingStep(model).warmup_hops, args.hops_per_call
     if args.quantize:
         wavs = ondevice.calibration_audio(args.calibration_dir, args.calibration_files)
         ondevice.quantize_int8(exported, args.output, wavs)

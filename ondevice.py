@@ -4,11 +4,11 @@ and the drivers that run them. export.py and bench.py stand on this module.
 Offline graph: wav (B, L) -> z (B, C, T), c (B, C, T), any B and L (at least the receptive field).
 Classifier graph (a finetune.py model, backbone and head): wav (1, L) -> `logits` and `probabilities`
 (1, classes), or `value` (1,) for a regressor; every frame of the file is pooled, as Classifier.predict does.
-Streaming graph (model.StreamingStep, norm="layer" models only): inputs `hop` (1, 160) and `state_in_0..N`,
-outputs `z` (1, C, 1), `c` (1, C, 1) and `state_out_0..N`. Start from zeros of the declared state shapes
-(the last state is the int64 hop counter, a scalar), feed each call's state_out back as the next state_in,
-and drop the first `warmup_hops` outputs (in the ONNX metadata; 2 for the presets): hop j then gives frame
-j - warmup_hops of extract_features.
+Streaming graph (model.StreamingStep, norm="layer" models only): inputs `hop` (1, 160 H) and `state_in_0..N`,
+outputs `z` (1, C, H), `c` (1, C, H) and `state_out_0..N`, for H = `hops_per_call` (in the ONNX metadata; 1
+by default). Start from zeros of the declared state shapes (the last state is the int64 hop counter, a
+scalar), feed each call's state_out back as the next state_in, and drop the first `warmup_hops` frames out
+(in the metadata; 2 for the presets): the j-th frame out then is frame j - warmup_hops of extract_features.
 """
 
 from __future__ import annotations
@@ -90,22 +90,24 @@ def extractor_parameters(model: Wav2Vec | Classifier) -> int:
     return sum(p.numel() for part in (model.encoder, model.context) for p in part.parameters())
 
 
-def graph_form(model: Wav2Vec | Classifier, streaming: bool) -> tuple[nn.Module, tuple, list[str], list[str]]:
-    """(module, example inputs, input names, output names) of the offline, streaming or classifier graph."""
+def graph_form(model: Wav2Vec | Classifier, streaming: bool,
+               hops: int = 1) -> tuple[nn.Module, tuple, list[str], list[str]]:
+    """(module, example inputs, input names, output names) of the offline, classifier or streaming graph (of
+    `hops` hops per call)."""
     model = model.eval()
     if not isinstance(model, Wav2Vec):  # a finetune.Classifier
         graph = ClassifierGraph(model)
         return graph, (torch.zeros(1, 16000),), ["wav"], graph.output_names
     if not streaming:
         return OfflineExtractor(model), (torch.zeros(1, 16000),), ["wav"], ["z", "c"]
-    step = StreamingStep(model).eval()
+    step = StreamingStep(model, hops).eval()
     state = step.initial_state()
     names = range(len(state))
-    return (step, (torch.zeros(1, model.config.stride), *state), ["hop", *(f"state_in_{i}" for i in names)],
-            ["z", "c", *(f"state_out_{i}" for i in names)])
+    return (step, (torch.zeros(1, hops * model.config.stride), *state),
+            ["hop", *(f"state_in_{i}" for i in names)], ["z", "c", *(f"state_out_{i}" for i in names)])
 
 
-def graph_metadata(model: Wav2Vec | Classifier, streaming: bool) -> dict[str, str]:
+def graph_metadata(model: Wav2Vec | Classifier, streaming: bool, hops: int = 1) -> dict[str, str]:
     """What a runtime needs beside the graph: the form, stride, warm-up hops, the model config (and a
     classifier's head config, with its label names)."""
     if not isinstance(model, Wav2Vec):
@@ -114,15 +116,15 @@ def graph_metadata(model: Wav2Vec | Classifier, streaming: bool) -> dict[str, st
     meta = {"form": "streaming" if streaming else "offline", "stride": str(model.config.stride),
             "receptive_field": str(model.receptive_field), "config": json.dumps(model.config.to_dict())}
     if streaming:
-        meta["warmup_hops"] = str(StreamingStep(model).warmup_hops)
+        meta["warmup_hops"], meta["hops_per_call"] = str(StreamingStep(model).warmup_hops), str(hops)
     return meta
 
 
-def export_onnx(model: Wav2Vec | Classifier, path: Path, streaming: bool = False,
-                dynamo: bool = False) -> None:
-    """Write the offline (dynamic batch and length), streaming or classifier (dynamic length) graph of `model`
-    as ONNX to `path`."""
-    module, example, inputs, outputs = graph_form(model, streaming)
+def export_onnx(model: Wav2Vec | Classifier, path: Path, streaming: bool = False, dynamo: bool = False,
+                hops: int = 1) -> None:
+    """Write the offline (dynamic batch and length), classifier (dynamic length) or streaming (`hops` hops per
+    call) graph of `model` as ONNX to `path`."""
+    module, example, inputs, outputs = graph_form(model, streaming, hops)
     classifier = isinstance(module, ClassifierGraph)
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated but exports this model in seconds where the dynamo one
@@ -140,7 +142,7 @@ def export_onnx(model: Wav2Vec | Classifier, path: Path, streaming: bool = False
                      "c": {0: "batch", 2: "frames"}})
             torch.onnx.export(module, example, str(path), input_names=inputs, output_names=outputs,
                               dynamic_axes=None if streaming else axes, opset_version=OPSET, dynamo=False)
-    write_onnx_metadata(path, graph_metadata(model, streaming))
+    write_onnx_metadata(path, graph_metadata(model, streaming, hops))
 
 
 def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -191,14 +193,15 @@ def compact_names(graph) -> None:
     del graph.value_info[:]
 
 
-def export_torchscript(model: Wav2Vec | Classifier, path: Path, streaming: bool = False) -> None:
-    """Write the offline, streaming or classifier graph as a traced TorchScript module (torch.jit.load reads
+def export_torchscript(model: Wav2Vec | Classifier, path: Path, streaming: bool = False,
+                       hops: int = 1) -> None:
+    """Write the offline, classifier or streaming graph as a traced TorchScript module (torch.jit.load reads
     it)."""
-    module, example, _, _ = graph_form(model, streaming)
+    module, example, _, _ = graph_form(model, streaming, hops)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about shape ints, fixed by design here
         traced = torch.jit.trace(module, example)
-    metadata = json.dumps(graph_metadata(model, streaming))
+    metadata = json.dumps(graph_metadata(model, streaming, hops))
     torch.jit.save(traced, str(path), _extra_files={"metadata.json": metadata})
 
 
@@ -222,33 +225,37 @@ def onnx_offline(session, wav: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class OnnxStreamer:
-    """Drives a streaming graph: keeps its state between hops, drops the warm-up outputs."""
+    """Drives a streaming graph: keeps its state between calls, drops the warm-up frames."""
 
     def __init__(self, session):
         meta = session.get_modelmeta().custom_metadata_map
         if meta.get("form") != "streaming":
             raise UserError("This ONNX file is not a streaming graph: export it with --streaming.")
-        self.session, self.stride, self.warmup_hops = session, int(meta["stride"]), int(meta["warmup_hops"])
+        self.session, self.warmup_hops = session, int(meta["warmup_hops"])
+        self.samples = int(meta["stride"]) * int(meta.get("hops_per_call", 1))  # per call
         types = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
         self.state = {i.name: np.zeros(i.shape, types[i.type])
                       for i in session.get_inputs() if i.name != "hop"}
-        self.hops = 0
+        self.frames_out = 0
 
-    def step(self, hop: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """hop (stride,) -> (z (1, C, 1), c (1, C, 1)), or None during the warm-up."""
-        outputs = self.session.run(None, self.inputs(hop))
+    def step(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """chunk (samples,) -> its frames (z (1, C, t), c (1, C, t)) without the warm-up ones, or None if
+        they all were."""
+        outputs = self.session.run(None, self.inputs(chunk))
         self.state = dict(zip(self.state, outputs[2:], strict=True))
-        self.hops += 1
-        return None if self.hops <= self.warmup_hops else (outputs[0], outputs[1])
+        z, c = outputs[:2]
+        warmup = max(0, self.warmup_hops - self.frames_out)
+        self.frames_out += z.shape[-1]
+        return None if warmup >= z.shape[-1] else (z[..., warmup:], c[..., warmup:])
 
-    def inputs(self, hop: np.ndarray) -> dict[str, np.ndarray]:
+    def inputs(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         """The feed of the next step: what calibration records."""
-        return {"hop": hop.reshape(1, -1).astype(np.float32, copy=False), **self.state}
+        return {"hop": chunk.reshape(1, -1).astype(np.float32, copy=False), **self.state}
 
     def frames(self, wav: np.ndarray) -> dict[str, np.ndarray]:
-        """Every frame that the whole hops of wav (L,) complete, {"z": (1, C, T), "c": (1, C, T)}."""
-        out = [self.step(wav[i:i + self.stride]) for i in range(0, len(wav) - self.stride + 1, self.stride)]
-        out = [frame for frame in out if frame is not None]
+        """Every frame that the whole chunks of wav (L,) complete, {"z": (1, C, T), "c": (1, C, T)}."""
+        starts = range(0, len(wav) - self.samples + 1, self.samples)
+        out = [frame for frame in (self.step(wav[i:i + self.samples]) for i in starts) if frame is not None]
         return {"z": np.concatenate([z for z, _ in out], 2), "c": np.concatenate([c for _, c in out], 2)}
 
 
@@ -277,9 +284,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
         feeds = []
         for wav in calibration:
             streamer = OnnxStreamer(session)
-            for start in range(0, len(wav) - streamer.stride + 1, streamer.stride):
-                feeds.append(streamer.inputs(wav[start:start + streamer.stride]))
-                streamer.step(wav[start:start + streamer.stride])
+            for start in range(0, len(wav) - streamer.samples + 1, streamer.samples):
+                feeds.append(streamer.inputs(wav[start:start + streamer.samples]))
+                streamer.step(wav[start:start + streamer.samples])
         feeds = feeds[:: max(1, len(feeds) // max_hops)]
     else:
         feeds = [{"wav": wav[None].astype(np.float32)} for wav in calibration

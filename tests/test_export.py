@@ -50,13 +50,17 @@ def test_onnx_offline_graph_equals_pytorch_for_any_length(model, tmp_path):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5)
 
 
-def test_onnx_streaming_graph_carries_its_state_and_gives_offline_frames(model, streaming_onnx):
+@pytest.mark.parametrize("hops", [1, 4])
+def test_onnx_streaming_graph_carries_its_state_and_gives_offline_frames(model, tmp_path, hops):
+    path = tmp_path / "step.onnx"
+    ondevice.export_onnx(model, path, streaming=True, hops=hops)
     wav = np.random.default_rng(0).standard_normal(4000).astype(np.float32)
-    streamer = ondevice.OnnxStreamer(ondevice.onnx_session(streaming_onnx))
+    streamer = ondevice.OnnxStreamer(ondevice.onnx_session(path))
     got = streamer.frames(wav)
-    assert streamer.state["state_in_14"] == 4000 // 160  # the hop counter came back out and in each call
+    whole_calls = 4000 // (160 * hops)
+    assert streamer.state["state_in_14"] == whole_calls * hops  # the hop counter came back out and in
     frames = got["z"].shape[-1]
-    assert frames == model.num_frames(4000 // 160 * 160)
+    assert frames == model.num_frames(whole_calls * hops * 160)
     want = offline(model, wav)
     for key in ("z", "c"):
         np.testing.assert_allclose(got[key], want[key][..., :frames], rtol=1e-4, atol=1e-5)
