@@ -200,7 +200,8 @@ def export_torchscript(model: Wav2Vec | Classifier, path: Path, streaming: bool 
     module, example, _, _ = graph_form(model, streaming, hops)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about shape ints, fixed by design here
-        traced = torch.jit.trace(module, example)
+        # No re-run check by the tracer (most of a minute under load): export.py compares the written file.
+        traced = torch.jit.trace(module, example, check_trace=False)
     metadata = json.dumps(graph_metadata(model, streaming, hops))
     torch.jit.save(traced, str(path), _extra_files={"metadata.json": metadata})
 
