@@ -20,8 +20,9 @@ with --data-dir also runs the loader benchmark and says whether the loader keeps
 stream: audio pushed in chunks of --chunk-ms (whole 10 ms hops; the state carried from call to call) on one
 CPU thread, for the tiny and base layouts with per-frame LayerNorm: PyTorch (model.streamer() and the traced
 TorchScript step, fp32) and ONNX Runtime (the step graph of export.py --streaming --hops-per-call N, fp32 and
-int8); latency per call (median, p99), real-time factor (audio per call over the median), parameters, MACs
-per second, state and activation bytes.
+int8); latency per call (median, p99), real-time factor (audio per call over the median), the same from
+the thread's CPU time (what an idle core would take), parameters, MACs per second, state and activation
+bytes.
 
 loader: training batches exactly as main.py draws them (random crops, EpochSampler, make_loader), decoded on
 the fly or, with --packed-dir, sliced from a packed 16 kHz corpus (prepared there on first use). Reports audio
@@ -397,16 +398,19 @@ def hop_activation_bytes(step: StreamingStep) -> int:
 
 
 def call_latencies(step: Callable[[np.ndarray], object], wav: np.ndarray, samples: int,
-                   warmup: int) -> list[float]:
-    """Seconds of each call on consecutive `samples`-long chunks of wav, after `warmup` untimed calls."""
-    seconds = []
+                   warmup: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds of this thread for each call on consecutive `samples`-long chunks of wav,
+    after `warmup` untimed calls. On a shared CPU the wall clock counts the time other jobs held the core;
+    the thread's CPU time does not (one thread: PyTorch and ONNX Runtime compute on the calling thread)."""
+    wall, cpu = [], []
     for i, start in enumerate(range(0, len(wav) - samples + 1, samples)):
         chunk = wav[start:start + samples]
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.thread_time()
         step(chunk)
         if i >= warmup:
-            seconds.append(time.perf_counter() - begin)
-    return seconds
+            wall.append(time.perf_counter() - begin)
+            cpu.append(time.thread_time() - begin_cpu)
+    return wall, cpu
 
 
 def traced_stepper(path: Path, state: list[torch.Tensor]) -> Callable[[np.ndarray], None]:
@@ -419,13 +423,15 @@ def traced_stepper(path: Path, state: list[torch.Tensor]) -> Callable[[np.ndarra
     return step
 
 
-def stream_row(preset: str, runtime: str, chunk_ms: int, seconds: list[float], **fields) -> dict:
-    ordered = sorted(seconds)
+def stream_row(preset: str, runtime: str, chunk_ms: int, seconds: tuple[list[float], list[float]],
+               **fields) -> dict:
+    ordered, cpu = sorted(seconds[0]), statistics.median(seconds[1])
     median = statistics.median(ordered)
     return {"preset": preset, "runtime": runtime, "chunk_ms": chunk_ms, **fields,
             "latency_ms_median": round(1e3 * median, 4),
             "latency_ms_p99": round(1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
-            "real_time_factor": round(chunk_ms / 1e3 / median, 1)}
+            "real_time_factor": round(chunk_ms / 1e3 / median, 1),
+            "cpu_ms_median": round(1e3 * cpu, 4), "real_time_factor_cpu": round(chunk_ms / 1e3 / cpu, 1)}
 
 
 def stream_rows(model: Wav2Vec, preset: str, hops: int, wav: np.ndarray, calibration: list[np.ndarray],

@@ -81,6 +81,8 @@ def test_stream_benchmark_times_every_runtime_and_chunk_size_and_reports_the_dev
         assert 0 < row["latency_ms_median"] <= row["latency_ms_p99"]
         assert row["real_time_factor"] == pytest.approx(row["chunk_ms"] / row["latency_ms_median"], rel=0.01,
                                                         abs=0.05)
+        assert 0 < row["cpu_ms_median"] and row["real_time_factor_cpu"] == pytest.approx(
+            row["chunk_ms"] / row["cpu_ms_median"], rel=0.01, abs=0.05)
         assert row["state_bytes"] == 7964 and row["parameters"] == 195_520
 
 
