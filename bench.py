@@ -5,7 +5,8 @@
                     [--compile] [--data-dir DIR] [--repeats 5] [--warmup 2] --json OUT.json
     python bench.py --what loader --data-dir DIR [--segment-length 32000] [--batch-size 8] [--num-workers 0]
                     [--packed-dir DIR_FOR_PACKED] [--batches 50] [--repeats 5] --json OUT.json
-    python bench.py --what stream [--hops 1000] [--warmup 2] [--data-dir CALIBRATION_AUDIO] --json OUT.json
+    python bench.py --what stream [--hops 1000] [--warmup 2] [--chunk-ms 10,40,160,640]
+                    [--presets wav2vec_tiny,wav2vec] [--data-dir CALIBRATION_AUDIO] --json OUT.json
 
 train: one full training step as main.py takes it (forward with freshly sampled distractors, loss, backward,
 gradient clipping, AdamW; autocast, and a GradScaler for fp16). extract: model.extract_features under
@@ -16,10 +17,12 @@ utilisation (MFU): analytic FLOPs per second over the peak of a square matmul me
 the precision the convolutions use (TF32 for fp32 on CUDA, where nearly all FLOPs are convolutions). train
 with --data-dir also runs the loader benchmark and says whether the loader keeps up with the step.
 
-stream: one 10 ms hop at a time on one CPU thread, for the tiny and base layouts with per-frame LayerNorm:
-PyTorch (model.streamer() and the traced TorchScript step, fp32) and ONNX Runtime (the step graph of
-export.py --streaming, fp32 and int8);
-per-hop latency (median, p99), real-time factor, parameters, MACs per second, state and activation bytes.
+stream: audio pushed in chunks of --chunk-ms (whole 10 ms hops; the state carried from call to call) on one
+CPU thread, for the tiny and base layouts with per-frame LayerNorm: PyTorch (model.streamer() and the traced
+TorchScript step, fp32) and ONNX Runtime (the step graph of export.py --streaming --hops-per-call N, fp32 and
+int8); latency per call (median, p99), real-time factor (audio per call over the median), the same from
+the thread's CPU time (what an idle core would take), parameters, MACs per second, state and activation
+bytes.
 
 loader: training batches exactly as main.py draws them (random crops, EpochSampler, make_loader), decoded on
 the fly or, with --packed-dir, sliced from a packed 16 kHz corpus (prepared there on first use). Reports audio
@@ -74,6 +77,18 @@ CLIP_NORM = 5.0  # main.py's default gradient clipping, so the step costs what a
 TRAIN_FLOPS_FACTOR = 3  # backward ~ 2x forward (gradients of inputs and of weights)
 
 
+def chunk_sizes(text: str) -> tuple[int, ...]:
+    """--chunk-ms: a comma-separated list of positive multiples of 10 (whole 10 ms hops)."""
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(size < 10 or size % 10 for size in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of multiples of 10 ms "
+                                         "(e.g. 10,40,160)")
+    return sizes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,8 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loader.add_argument("--batches", type=int, default=50, help="batches per timed repeat (loader)")
     stream = parser.add_argument_group("stream")
     stream.add_argument("--hops", type=int, default=1000,
-                        help="10 ms hops timed one by one after --warmup hops (stream; --data-dir: int8 "
-                             "calibration audio, else noise)")
+                        help="10 ms hops of audio timed per chunk size, after --warmup untimed calls "
+                             "(--data-dir: int8 calibration audio, else noise)")
+    stream.add_argument("--chunk-ms", type=chunk_sizes, default=(10,),
+                        help="comma-separated chunk sizes in ms, multiples of 10: audio per call")
+    stream.add_argument("--presets", type=lambda text: tuple(text.split(",")), default=STREAM_PRESETS,
+                        help="comma-separated layouts, each with per-frame LayerNorm")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batches < 1 or args.warmup < 0:
         parser.error("--repeats and --batches must be at least 1, --warmup at least 0")
@@ -378,48 +397,76 @@ def hop_activation_bytes(step: StreamingStep) -> int:
     return 4 * peak
 
 
-def hop_latencies(step: Callable[[np.ndarray], object], wav: np.ndarray, warmup: int) -> list[float]:
-    """Seconds of each call on consecutive 160-sample hops of wav, after `warmup` untimed hops."""
-    seconds = []
-    for i, start in enumerate(range(0, len(wav) - SAMPLE_RATE // 100 + 1, SAMPLE_RATE // 100)):
-        hop = wav[start:start + SAMPLE_RATE // 100]
-        begin = time.perf_counter()
-        step(hop)
+def call_latencies(step: Callable[[np.ndarray], object], wav: np.ndarray, samples: int,
+                   warmup: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds of this thread for each call on consecutive `samples`-long chunks of wav,
+    after `warmup` untimed calls. On a shared CPU the wall clock counts the time other jobs held the core;
+    the thread's CPU time does not (one thread: PyTorch and ONNX Runtime compute on the calling thread)."""
+    wall, cpu = [], []
+    for i, start in enumerate(range(0, len(wav) - samples + 1, samples)):
+        chunk = wav[start:start + samples]
+        begin, begin_cpu = time.perf_counter(), time.thread_time()
+        step(chunk)
         if i >= warmup:
-            seconds.append(time.perf_counter() - begin)
-    return seconds
+            wall.append(time.perf_counter() - begin)
+            cpu.append(time.thread_time() - begin_cpu)
+    return wall, cpu
 
 
 def traced_stepper(path: Path, state: list[torch.Tensor]) -> Callable[[np.ndarray], None]:
-    """A hop function around a traced TorchScript step that feeds each call's state to the next."""
+    """A chunk function around a traced TorchScript step that feeds each call's state to the next."""
     traced = torch.jit.load(str(path))
 
     @torch.no_grad()
-    def step(hop: np.ndarray) -> None:
-        state[:] = traced(torch.from_numpy(hop)[None], *state)[2:]
+    def step(chunk: np.ndarray) -> None:
+        state[:] = traced(torch.from_numpy(chunk)[None], *state)[2:]
     return step
 
 
-def stream_row(preset: str, runtime: str, seconds: list[float], **fields) -> dict:
-    ordered = sorted(seconds)
+def stream_row(preset: str, runtime: str, chunk_ms: int, seconds: tuple[list[float], list[float]],
+               **fields) -> dict:
+    ordered, cpu = sorted(seconds[0]), statistics.median(seconds[1])
     median = statistics.median(ordered)
-    return {"preset": preset, "runtime": runtime, **fields,
+    return {"preset": preset, "runtime": runtime, "chunk_ms": chunk_ms, **fields,
             "latency_ms_median": round(1e3 * median, 4),
             "latency_ms_p99": round(1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
-            "real_time_factor": round(0.01 / median, 1)}  # 10 ms of audio per hop
+            "real_time_factor": round(chunk_ms / 1e3 / median, 1),
+            "cpu_ms_median": round(1e3 * cpu, 4), "real_time_factor_cpu": round(chunk_ms / 1e3 / cpu, 1)}
+
+
+def stream_rows(model: Wav2Vec, preset: str, hops: int, wav: np.ndarray, calibration: list[np.ndarray],
+                warmup: int, shape: dict) -> list[dict]:
+    """One layout's rows at chunks of `hops` hops: PyTorch, TorchScript, ONNX Runtime fp32 and int8."""
+    samples, chunk_ms = hops * SAMPLE_RATE // 100, hops * 10
+    streamer = model.streamer()
+    seconds = call_latencies(lambda chunk: streamer.push(torch.from_numpy(chunk)), wav, samples, warmup)
+    rows = [stream_row(preset, "pytorch", chunk_ms, seconds, precision="fp32", **shape)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ondevice.export_torchscript(model, Path(tmp) / "step.pt", streaming=True, hops=hops)
+        step = traced_stepper(Path(tmp) / "step.pt", StreamingStep(model, hops).initial_state())
+        seconds = call_latencies(step, wav, samples, warmup)
+        rows.append(stream_row(preset, "torchscript", chunk_ms, seconds, precision="fp32", **shape))
+        files = {"fp32": Path(tmp) / "fp32.onnx", "int8": Path(tmp) / "int8.onnx"}
+        ondevice.export_onnx(model, files["fp32"], streaming=True, hops=hops)
+        ondevice.quantize_int8(files["fp32"], files["int8"], calibration)
+        for precision, path in files.items():
+            onnx_streamer = ondevice.OnnxStreamer(ondevice.onnx_session(path, threads=1))
+            seconds = call_latencies(onnx_streamer.step, wav, samples, warmup)
+            rows.append(stream_row(preset, "onnxruntime", chunk_ms, seconds, precision=precision, **shape,
+                                   file_bytes=path.stat().st_size))
+    return rows
 
 
 def bench_stream(args: argparse.Namespace) -> dict:
-    """Latency per 10 ms hop on one CPU thread, streamed by PyTorch (Streamer.push, and the traced step of
-    export.py --format torchscript --streaming; fp32) and by ONNX Runtime (the exported step graph, fp32 and
-    int8), for the tiny and the base layout with per-frame LayerNorm."""
+    """Latency per call on one CPU thread, audio pushed in chunks of each --chunk-ms, streamed by PyTorch
+    (Streamer.push, and the traced step of export.py --format torchscript --streaming; fp32) and by ONNX
+    Runtime (the exported step graph, fp32 and int8), for each --presets layout with per-frame LayerNorm."""
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
-    wav = (0.1 * rng.standard_normal(SAMPLE_RATE // 100 * (args.hops + args.warmup + 1))).astype(np.float32)
     calibration = (ondevice.calibration_audio(args.data_dir) if args.data_dir is not None
                    else [(0.1 * rng.standard_normal(3 * SAMPLE_RATE)).astype(np.float32)])
     rows = []
-    for preset in STREAM_PRESETS:
+    for preset in args.presets:
         torch.manual_seed(args.seed)
         model = Wav2Vec(Wav2VecConfig.preset(preset, norm="layer")).eval()
         step = StreamingStep(model)
@@ -427,22 +474,11 @@ def bench_stream(args: argparse.Namespace) -> dict:
                  "macs_per_second": sum(model.forward_flops(SAMPLE_RATE, objective=False).values()) // 2,
                  "state_bytes": sum(t.numel() * t.element_size() for t in step.initial_state()),
                  "peak_activation_bytes": hop_activation_bytes(step)}
-        streamer = model.streamer()
-        seconds = hop_latencies(lambda hop, s=streamer: s.push(torch.from_numpy(hop)), wav, args.warmup)
-        rows.append(stream_row(preset, "pytorch", seconds, precision="fp32", **shape))
-        with tempfile.TemporaryDirectory() as tmp:
-            ondevice.export_torchscript(model, Path(tmp) / "step.pt", streaming=True)
-            seconds = hop_latencies(traced_stepper(Path(tmp) / "step.pt", step.initial_state()), wav,
-                                    args.warmup)
-            rows.append(stream_row(preset, "torchscript", seconds, precision="fp32", **shape))
-            files = {"fp32": Path(tmp) / "fp32.onnx", "int8": Path(tmp) / "int8.onnx"}
-            ondevice.export_onnx(model, files["fp32"], streaming=True)
-            ondevice.quantize_int8(files["fp32"], files["int8"], calibration)
-            for precision, path in files.items():
-                streamer = ondevice.OnnxStreamer(ondevice.onnx_session(path, threads=1))
-                seconds = hop_latencies(streamer.step, wav, args.warmup)
-                rows.append(stream_row(preset, "onnxruntime", seconds, precision=precision, **shape,
-                                       file_bytes=path.stat().st_size))
+        for chunk_ms in args.chunk_ms:
+            hops = chunk_ms // 10
+            calls = math.ceil(args.hops / hops) + args.warmup
+            wav = (0.1 * rng.standard_normal(calls * hops * SAMPLE_RATE // 100)).astype(np.float32)
+            rows += stream_rows(model, preset, hops, wav, calibration, args.warmup, shape)
     return {"what": "stream", "hops": args.hops, "warmup": args.warmup, "threads": torch.get_num_threads(),
             "calibration": str(args.data_dir) if args.data_dir is not None else "noise",
             "torch_version": torch.__version__, "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -1,17 +1,20 @@
 """Export a pre-trained model for on-device use: ONNX or TorchScript, offline or streaming, fp32 or int8.
 
-    python export.py --checkpoint CKPT --format onnx|torchscript [--streaming] --output FILE
+    python export.py --checkpoint CKPT --format onnx|torchscript [--streaming [--hops-per-call N]] \
+                     --output FILE
     python export.py --checkpoint CKPT --format onnx [--streaming] --quantize int8 --calibration-dir DIR \\
                      --output FILE.int8.onnx
 
 Offline: wav (B, L) -> z (B, C, T), c (B, C, T), any batch and length. --streaming (models with
-norm="layer", e.g. --model wav2vec_tiny): one hop of 160 samples and the state in, the hop's frame and
-the state out (see ondevice.py for the protocol). Every file written is loaded back, run on random audio
-and compared with PyTorch (largest absolute difference printed).
+norm="layer", e.g. --model wav2vec_tiny): one hop of 160 samples (or N hops) and the state in, the
+frame (N frames) and the state out (see ondevice.py for the protocol). Every file written is loaded back,
+run on random audio and compared with PyTorch (largest absolute difference printed).
+A finetune.py model (--checkpoint runs/ft/finetuned.pt) exports with its head as one graph: wav (1, L) ->
+logits and probabilities (classify) or value (regress), checked against Classifier.predict.
 --quantize int8 (ONNX): ONNX Runtime static quantization, per-channel int8 convolution weights and uint8
 activations calibrated on --calibration-dir; the fp32 graph is kept beside it (FILE with .fp32.onnx), and
 the size, speed (one thread) and cosine similarity of the features to fp32 on the calibration audio are
-printed.
+printed (for a classifier: how often int8 gives fp32's label, and the largest output difference).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import numpy as np
 import torch
 
 import ondevice
-from model import StreamingStep, Wav2Vec
-from utils import run_cli, setup_logging
+from finetune import Classifier
+from model import StreamingStep, UserError, Wav2Vec, read_checkpoint
+from utils import positive_int, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="a checkpoint of main.py (or fairseq's)")
+                        help="a checkpoint of main.py (or fairseq's), or a finetuned.pt of finetune.py")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
     parser.add_argument("--streaming", action="store_true",
                         help="the streaming step (one 10 ms hop, state in and out), not the offline graph")
+    parser.add_argument("--hops-per-call", type=positive_int, default=1,
+                        help="--streaming: 10 ms hops per call (more: fewer calls, and more latency)")
     parser.add_argument("--output", type=Path, required=True, help="the file to write")
     parser.add_argument("--quantize", choices=("int8",), help="post-training static quantization (ONNX only)")
     parser.add_argument("--calibration-dir", type=Path, help="audio to calibrate int8 activations on")
@@ -78,10 +84,39 @@ def onnx_runner(path: Path) -> Callable[..., tuple]:
     return lambda *inputs: tuple(session.run(None, dict(zip(names, inputs, strict=True))))
 
 
-def reference_and_exported(model: Wav2Vec, run: Callable[..., tuple], streaming: bool,
-                           rng: np.random.Generator,
-                           stream_seconds: float = STREAM_SECONDS) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(PyTorch, exported) output pairs: offline over several lengths, or every hop of a random stream."""
+def load_model(path: Path, streaming: bool) -> Wav2Vec | Classifier:
+    """The pre-trained model, or the fine-tuned one (backbone and head), in a checkpoint."""
+    if "head_config" not in read_checkpoint(path):  # read again by the loader: small next to the export
+        return Wav2Vec.from_pretrained(path)
+    if streaming:
+        raise UserError("A fine-tuned head pools over the whole file, so it exports as one offline graph: "
+                        "drop --streaming (or stream the pre-trained checkpoint it was fine-tuned from).")
+    return Classifier.from_pretrained(path)
+
+
+def classifier_pairs(model: Classifier, run: Callable[..., tuple],
+                     rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(PyTorch, exported) pairs over several lengths: the head's raw outputs and what predict() returns."""
+    pairs = []
+    for length in PARITY_LENGTHS:
+        wav = rng.standard_normal((1, length)).astype(np.float32)
+        got = run(wav)
+        predicted = model.predict(wav[0])
+        if model.config.task == "classify":
+            with torch.no_grad():
+                pairs.append((model([torch.from_numpy(wav[0])]).numpy(), got[0]))
+            pairs.append((np.array([list(predicted["probabilities"].values())]), got[1]))
+        else:
+            pairs.append((np.array([predicted["value"]]), got[0]))
+    return pairs
+
+
+def reference_and_exported(model: Wav2Vec | Classifier, run: Callable[..., tuple], streaming: bool,
+                           rng: np.random.Generator, stream_seconds: float = STREAM_SECONDS,
+                           hops: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(PyTorch, exported) output pairs: offline over several lengths, or every call of a random stream."""
+    if isinstance(model, Classifier):
+        return classifier_pairs(model, run, rng)
     if not streaming:
         pairs = []
         for length in PARITY_LENGTHS:
@@ -89,27 +124,27 @@ def reference_and_exported(model: Wav2Vec, run: Callable[..., tuple], streaming:
             want = model.extract_features(torch.from_numpy(wav))
             pairs += list(zip((want["z"].numpy(), want["c"].numpy()), run(wav)[:2], strict=True))
         return pairs
-    step = StreamingStep(model).eval()
+    step = StreamingStep(model, hops).eval()
     state = step.initial_state()
     exported = [s.numpy() for s in state]
     wav = rng.standard_normal((1, int(stream_seconds * 16000))).astype(np.float32)
-    pairs = []
+    pairs, samples = [], hops * model.config.stride
     with torch.no_grad():
-        for start in range(0, wav.shape[1] - step.model.config.stride + 1, step.model.config.stride):
-            hop = wav[:, start:start + step.model.config.stride]
-            z, c, *state = step(torch.from_numpy(hop), *state)
-            out = run(hop, *exported)
+        for start in range(0, wav.shape[1] - samples + 1, samples):
+            chunk = wav[:, start:start + samples]
+            z, c, *state = step(torch.from_numpy(chunk), *state)
+            out = run(chunk, *exported)
             exported = list(out[2:])  # the exported graph carries its own state from call to call
             pairs += [(z.numpy(), out[0]), (c.numpy(), out[1])]
     return pairs
 
 
-def parity(model: Wav2Vec, path: Path, fmt: str, streaming: bool,
-           stream_seconds: float = STREAM_SECONDS) -> float:
+def parity(model: Wav2Vec | Classifier, path: Path, fmt: str, streaming: bool,
+           stream_seconds: float = STREAM_SECONDS, hops: int = 1) -> float:
     """Largest |PyTorch - exported| over the parity inputs; raises if beyond rtol 1e-4 (a bug, not a user
     error)."""
     run = onnx_runner(path) if fmt == "onnx" else torchscript_runner(path)
-    pairs = reference_and_exported(model, run, streaming, np.random.default_rng(0), stream_seconds)
+    pairs = reference_and_exported(model, run, streaming, np.random.default_rng(0), stream_seconds, hops)
     for want, got in pairs:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     return max(float(np.abs(want - got).max()) for want, got in pairs)
@@ -128,30 +163,46 @@ def median_seconds(call: Callable[[], object], repeats: int = 30, warmup: int = 
     return statistics.median(seconds)
 
 
-def features_of(path: Path, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+def outputs_of(path: Path, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     session = ondevice.onnx_session(path)
     if session.get_modelmeta().custom_metadata_map["form"] == "streaming":
         return [ondevice.OnnxStreamer(session).frames(wav) for wav in wavs]
     return [ondevice.onnx_offline(session, wav) for wav in wavs]
 
 
+def closeness(fp32: list[dict[str, np.ndarray]], int8: list[dict[str, np.ndarray]]) -> dict:
+    """How far int8's outputs are from fp32's: per-frame cosine similarity of features; for a classifier, how
+    often the label is the same and the largest probability difference; for a regressor, the largest value
+    difference."""
+    report = {}
+    if "z" in fp32[0]:
+        for key in ("z", "c"):
+            cos = np.concatenate([ondevice.cosine_similarity(a[key], b[key])
+                                  for a, b in zip(fp32, int8, strict=True)])
+            report[f"cosine_{key}_mean"] = round(float(cos.mean()), 4)
+            report[f"cosine_{key}_min"] = round(float(cos.min()), 4)
+        return report
+    key = "probabilities" if "probabilities" in fp32[0] else "value"
+    if key == "probabilities":
+        same = [a[key].argmax() == b[key].argmax() for a, b in zip(fp32, int8, strict=True)]
+        report["same_label_fraction"] = round(float(np.mean(same)), 4)
+    report[f"max_abs_diff_{key}"] = round(max(float(np.abs(a[key] - b[key]).max())
+                                              for a, b in zip(fp32, int8, strict=True)), 6)
+    return report
+
+
 def int8_report(fp32_path: Path, int8_path: Path, wavs: list[np.ndarray]) -> dict:
-    """Size, one-thread speed and feature cosine similarity of the int8 graph against the fp32 one."""
+    """Size, one-thread speed and closeness (see closeness) of the int8 graph against the fp32 one."""
     report = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
     report["size_ratio"] = round(report["fp32_bytes"] / report["int8_bytes"], 2)
-    fp32, int8 = features_of(fp32_path, wavs), features_of(int8_path, wavs)
-    for key in ("z", "c"):
-        cos = np.concatenate([ondevice.cosine_similarity(a[key], b[key])
-                              for a, b in zip(fp32, int8, strict=True)])
-        report[f"cosine_{key}_mean"] = round(float(cos.mean()), 4)
-        report[f"cosine_{key}_min"] = round(float(cos.min()), 4)
+    report.update(closeness(outputs_of(fp32_path, wavs), outputs_of(int8_path, wavs)))
     second = np.resize(wavs[0], 16000)
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
         session = ondevice.onnx_session(path)
         if session.get_modelmeta().custom_metadata_map["form"] == "streaming":
             streamer = ondevice.OnnxStreamer(session)
-            seconds = median_seconds(lambda s=streamer: s.step(second[:s.stride]), repeats=200)
-            report[f"{name}_seconds_per_hop"] = round(seconds, 6)
+            seconds = median_seconds(lambda s=streamer: s.step(second[:s.samples]), repeats=200)
+            report[f"{name}_seconds_per_call"] = round(seconds, 6)
         else:
             seconds = median_seconds(lambda s=session: ondevice.onnx_offline(s, second))
             report[f"{name}_seconds_per_audio_second"] = round(seconds, 5)
@@ -163,20 +214,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
     torch.set_num_threads(1)
-    model = Wav2Vec.from_pretrained(args.checkpoint)
+    model = load_model(args.checkpoint, args.streaming)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     exported = args.output.with_suffix(".fp32.onnx") if args.quantize else args.output
     if args.format == "onnx":
-        ondevice.export_onnx(model, exported, streaming=args.streaming, dynamo=args.dynamo)
+        ondevice.export_onnx(model, exported, streaming=args.streaming, dynamo=args.dynamo,
+                             hops=args.hops_per_call)
     else:
-        ondevice.export_torchscript(model, exported, streaming=args.streaming)
-    report = {"output": str(args.output), "format": args.format,
-              "form": "streaming" if args.streaming else "offline",
+        ondevice.export_torchscript(model, exported, streaming=args.streaming, hops=args.hops_per_call)
+    form = "classifier" if isinstance(model, Classifier) else "streaming" if args.streaming else "offline"
+    report = {"output": str(args.output), "format": args.format, "form": form,
               "parameters": ondevice.extractor_parameters(model),
               "bytes": exported.stat().st_size,
-              "max_abs_diff_to_pytorch": parity(model, exported, args.format, args.streaming)}
+              "max_abs_diff_to_pytorch": parity(model, exported, args.format, args.streaming,
+                                                hops=args.hops_per_call)}
     if args.streaming:
-        report["warmup_hops"] = StreamingStep(model).warmup_hops
+        report["warmup_hops"], report["hops_per_call"] = StreamingStep(model).warmup_hops, args.hops_per_call
     if args.quantize:
         wavs = ondevice.calibration_audio(args.calibration_dir, args.calibration_files)
         ondevice.quantize_int8(exported, args.output, wavs)

@@ -168,6 +168,9 @@ class FrameLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
         with torch.autocast(x.device.type, enabled=False):
+            if x.shape[-1] == 1:  # one frame (a one-hop streaming step): no transposes in the exported graph
+                return F.layer_norm(x.float(), (*self.normalized_shape, 1), self.weight.float()[:, None],
+                                    self.bias.float()[:, None], self.eps).type_as(x)
             y = F.layer_norm(x.float().transpose(1, 2), self.normalized_shape, self.weight.float(),
                              self.bias.float(), self.eps)
         return y.transpose(1, 2).type_as(x)
@@ -197,10 +200,9 @@ class ConvBlock(nn.Module):
         """Conv, norm, ReLU on input that already holds its left context (as streaming feeds it)."""
         return F.relu(self.norm(self.conv(x)))
 
-    def left_context(self, first: torch.Tensor) -> torch.Tensor:
-        """The k-1 frames forward() pads with, from the first input frame (B, C, 1): its copies, or zeros."""
-        padding = first if self.padding_mode == "replicate" else torch.zeros_like(first)
-        return padding.expand(-1, -1, self.left_pad)
+    def padding_frame(self, first: torch.Tensor) -> torch.Tensor:
+        """The frame (B, C, 1) forward() pads with k-1 times, from the first input frame: itself, or zeros."""
+        return first if self.padding_mode == "replicate" else torch.zeros_like(first)
 
 
 class Encoder(nn.Module):
@@ -269,14 +271,20 @@ class ContextNetwork(nn.Module):
         return outputs
 
     def stream(self, z: torch.Tensor, buffers: list[torch.Tensor],
-               first: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               position: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """New frames z (B, C, t >= 1) -> their c (B, C, t), and each layer's last k-1 input frames.
-        `first` (0-dim bool) says z starts the stream: the buffers are replaced by forward()'s padding
-        (a tensor, not a Python bool, so that an exported graph can carry the decision as state)."""
+        `position` (0-dim int64) is the stream index of z's first frame. Every frame with a negative index
+        (the buffers before the stream starts, or the warm-up frames of a fixed-shape step, not audio yet)
+        is replaced by forward()'s padding, made from frame 0, in the call that holds frame 0 (later calls
+        find the padding in the buffers); outputs at negative indices mean nothing. A tensor, not a Python
+        int, so that an exported graph carries it as state."""
         x, kept = z, []
+        frame_0 = (-position).clamp(0, z.shape[-1] - 1).reshape(1)  # frame 0's place in z, if there
         for layer, proj, buffer in zip(self.layers, self.residual_proj, buffers, strict=True):
-            buffer = torch.where(first, layer.left_context(x[..., :1]), buffer)
             window = torch.cat([buffer, x], dim=2)
+            index = position - layer.left_pad + torch.arange(window.shape[-1], device=window.device)
+            before_audio = (index < 0) & (position <= 0)
+            window = torch.where(before_audio, layer.padding_frame(x.index_select(2, frame_0)), window)
             kept.append(window[..., window.shape[-1] - layer.left_pad:])
             y = layer.unpadded(window)
             x = (y + proj(x)) * self.residual_scale if self.skip_connections else y
@@ -511,7 +519,7 @@ class Streamer:
         self.encoder_buffers = [like.new_zeros(1, layer.conv.in_channels, 0)
                                 for layer in model.encoder.layers]
         self.context_buffers = _context_buffers(model, like)
-        self.started = False
+        self.frames = 0  # z frames out so far: the stream index of the next one
 
     @torch.no_grad()
     def push(self, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -522,32 +530,33 @@ class Streamer:
         z, self.encoder_buffers = self.model.encoder.stream(chunk.to(like)[None], self.encoder_buffers)
         if z.shape[-1] == 0:
             return {"z": z, "c": z.new_zeros(1, self.model.config.context_layers[-1][0], 0)}
-        first = torch.tensor(not self.started)
-        c, self.context_buffers = self.model.context.stream(z, self.context_buffers, first)
-        self.started = True
+        position = torch.tensor(self.frames)
+        c, self.context_buffers = self.model.context.stream(z, self.context_buffers, position)
+        self.frames += z.shape[-1]
         return {"z": z, "c": c}
 
 
 class StreamingStep(nn.Module):
-    """One hop of `stride` samples with the state as explicit inputs and outputs: the exportable form.
+    """`hops` hops of `stride` samples per call, the state as explicit inputs and outputs: the exported form.
 
-    forward(hop (1, stride), *state) -> (z (1, C, 1), c (1, C, 1), *new state). Every shape is fixed:
-    the encoder buffers have the lengths they settle at in a stream of whole hops, and start as zeros,
-    so the first `warmup_hops` outputs are not frames of the audio (drop them); from then on hop j gives
-    frame j - warmup_hops of extract_features, exactly. A hop counter in the state tells the context
-    network which frame is the first one, where it pads. Latency: frame t is out with sample
-    160 (t + warmup_hops + 1) - 1, i.e. stride * (warmup_hops + 1) - receptive_field samples (15 for
-    the presets) after the end of its receptive field.
+    forward(chunk (1, hops * stride), *state) -> (z (1, C, hops), c (1, C, hops), *new state). Every shape is
+    fixed: the encoder buffers have the lengths they settle at in a stream of whole hops (the same for any
+    `hops`), and start as zeros, so the first `warmup_hops` frames out are not frames of the audio (drop
+    them); from then on the j-th frame out is frame j - warmup_hops of extract_features, exactly. A hop
+    counter in the state tells the context network where frame 0 is, where it pads. Latency at one hop
+    per call: frame t is out with sample 160 (t + warmup_hops + 1) - 1, i.e. stride * (warmup_hops + 1) -
+    receptive_field samples (15 for the presets) after the end of its receptive field; `hops` per call
+    adds up to hops - 1 hops of waiting for the rest of the chunk.
     """
 
-    def __init__(self, model: Wav2Vec):
+    def __init__(self, model: Wav2Vec, hops: int = 1):
         super().__init__()
         check_streamable(model.config)
-        self.model = model
+        self.model, self.hops = model, hops
         cfg = model.config
-        hops = math.ceil(cfg.receptive_field / cfg.stride) + 1  # enough whole hops for every layer to emit
-        self.warmup_hops = hops - model.num_frames(hops * cfg.stride)
-        count, self.buffer_lengths = hops * cfg.stride, []
+        settled = math.ceil(cfg.receptive_field / cfg.stride) + 1  # enough whole hops for every layer to emit
+        self.warmup_hops = settled - model.num_frames(settled * cfg.stride)
+        count, self.buffer_lengths = settled * cfg.stride, []
         for _, k, s in cfg.encoder_layers:
             n = (count - k) // s + 1
             self.buffer_lengths.append(count - n * s)
@@ -560,13 +569,13 @@ class StreamingStep(nn.Module):
                    for layer, n in zip(self.model.encoder.layers, self.buffer_lengths, strict=True)]
         return [*encoder, *_context_buffers(self.model, like), torch.zeros((), dtype=torch.int64)]
 
-    def forward(self, hop: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, chunk: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n_encoder = len(self.buffer_lengths)
         encoder_buffers, context_buffers = list(state[:n_encoder]), list(state[n_encoder:-1])
         hops = state[-1]
-        z, encoder_buffers = self.model.encoder.stream(hop, encoder_buffers)
-        c, context_buffers = self.model.context.stream(z, context_buffers, hops == self.warmup_hops)
-        return (z, c, *encoder_buffers, *context_buffers, hops + 1)
+        z, encoder_buffers = self.model.encoder.stream(chunk, encoder_buffers)
+        c, context_buffers = self.model.context.stream(z, context_buffers, hops - self.warmup_hops)
+        return (z, c, *encoder_buffers, *context_buffers, hops + self.hops)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,11 @@ def featurizer(spec: str, layer: str, seed: int, device: torch.device) -> tuple[
         return (lambda wavs: [mfcc(w) for w in wavs]), MFCC_WINDOW
     if spec.endswith(".onnx"):  # an offline graph written by export.py (fp32 or int8), run by ONNX Runtime
         session = onnx_session(Path(spec))
-        window = int(session.get_modelmeta().custom_metadata_map["receptive_field"])
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get("form") != "offline":
+            raise UserError(f"{spec} is a {meta.get('form', 'foreign')} graph, not features: give the "
+                            "offline graph of a pre-trained checkpoint (export.py without --streaming).")
+        window = int(meta["receptive_field"])
         return (lambda wavs: [onnx_offline(session, wav)[layer][0] for wav in wavs]), window
     model = network(spec, seed, device)
     return partial(model_features, model, layer=layer), model.receptive_field

@@ -70,13 +70,23 @@ def test_loader_without_a_data_folder_is_one_error_line_and_exit_code_2():
     assert "Traceback" not in run.stderr
 
 
-def test_stream_benchmark_times_every_runtime_and_reports_the_device_budget(monkeypatch):
-    monkeypatch.setattr(bench, "STREAM_PRESETS", ("wav2vec_tiny",))
-    result = bench.main(["--what", "stream", "--hops", "5", "--warmup", "3"])
-    runtimes = [(row["runtime"], row["precision"]) for row in result["rows"]]
-    assert runtimes == [("pytorch", "fp32"), ("torchscript", "fp32"), ("onnxruntime", "fp32"),
-                        ("onnxruntime", "int8")]
+def test_stream_benchmark_times_every_runtime_and_chunk_size_and_reports_the_device_budget():
+    result = bench.main(["--what", "stream", "--presets", "wav2vec_tiny", "--chunk-ms", "10,30",
+                         "--hops", "6", "--warmup", "1"])
+    runtimes = [(row["chunk_ms"], row["runtime"], row["precision"]) for row in result["rows"]]
+    assert runtimes == [(chunk, runtime, precision) for chunk in (10, 30)
+                        for runtime, precision in (("pytorch", "fp32"), ("torchscript", "fp32"),
+                                                   ("onnxruntime", "fp32"), ("onnxruntime", "int8"))]
     for row in result["rows"]:
         assert 0 < row["latency_ms_median"] <= row["latency_ms_p99"]
-        assert row["real_time_factor"] == pytest.approx(10 / row["latency_ms_median"], rel=0.01, abs=0.05)
+        assert row["real_time_factor"] == pytest.approx(row["chunk_ms"] / row["latency_ms_median"], rel=0.01,
+                                                        abs=0.05)
+        assert 0 < row["cpu_ms_median"] and row["real_time_factor_cpu"] == pytest.approx(
+            row["chunk_ms"] / row["cpu_ms_median"], rel=0.01, abs=0.05)
         assert row["state_bytes"] == 7964 and row["parameters"] == 195_520
+
+
+def test_a_chunk_size_that_is_not_whole_hops_is_refused():
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--what", "stream", "--chunk-ms", "10,25"])
+    assert exit_info.value.code == 2

@@ -1,5 +1,6 @@
 """export.py and ondevice.py: ONNX and TorchScript equal PyTorch, offline and streaming; int8 stays close."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import export
 import ondevice
 from data import make_demo_corpus
+from finetune import Classifier, HeadConfig
 from model import StreamingStep, UserError, Wav2Vec, Wav2VecConfig
 
 
@@ -48,13 +50,17 @@ def test_onnx_offline_graph_equals_pytorch_for_any_length(model, tmp_path):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5)
 
 
-def test_onnx_streaming_graph_carries_its_state_and_gives_offline_frames(model, streaming_onnx):
+@pytest.mark.parametrize("hops", [1, 4])
+def test_onnx_streaming_graph_carries_its_state_and_gives_offline_frames(model, tmp_path, hops):
+    path = tmp_path / "step.onnx"
+    ondevice.export_onnx(model, path, streaming=True, hops=hops)
     wav = np.random.default_rng(0).standard_normal(4000).astype(np.float32)
-    streamer = ondevice.OnnxStreamer(ondevice.onnx_session(streaming_onnx))
+    streamer = ondevice.OnnxStreamer(ondevice.onnx_session(path))
     got = streamer.frames(wav)
-    assert streamer.state["state_in_14"] == 4000 // 160  # the hop counter came back out and in each call
+    whole_calls = 4000 // (160 * hops)
+    assert streamer.state["state_in_14"] == whole_calls * hops  # the hop counter came back out and in
     frames = got["z"].shape[-1]
-    assert frames == model.num_frames(4000 // 160 * 160)
+    assert frames == model.num_frames(whole_calls * hops * 160)
     want = offline(model, wav)
     for key in ("z", "c"):
         np.testing.assert_allclose(got[key], want[key][..., :frames], rtol=1e-4, atol=1e-5)
@@ -79,15 +85,17 @@ def test_torchscript_round_trip_equals_pytorch(model, tmp_path, streaming):
     assert export.parity(model, path, "torchscript", streaming, stream_seconds=0.3) < 1e-5  # 28 frames
 
 
-def test_int8_export_stores_int8_weights_and_its_features_stay_within_cosine_0_98(checkpoint, tmp_path):
+def test_int8_export_stores_every_weight_in_int8_and_features_stay_within_cosine_0_98(checkpoint, tmp_path):
     make_demo_corpus(tmp_path / "calibration", num_speakers=1, files_per_speaker=4, seconds_per_file=1.0)
     report = export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--quantize", "int8",
                           "--calibration-dir", str(tmp_path / "calibration"),
                           "--output", str(tmp_path / "tiny.int8.onnx")])
     assert (tmp_path / "tiny.int8.fp32.onnx").is_file()
     weights = onnx.load(str(tmp_path / "tiny.int8.onnx")).graph.initializer
-    int8_kernels = [w for w in weights if w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 3]
-    assert len(int8_kernels) == 4 + 9  # every convolution but the first, which sees the raw waveform
+    kernels = {onnx.TensorProto.DataType.Name(w.data_type) for w in weights if len(w.dims) == 3}
+    assert kernels == {"INT8"}  # the first convolution's too: only its input, the waveform, stays float
+    assert sum(len(w.dims) == 3 for w in weights) == 5 + 9
+    assert all(w.data_type != onnx.TensorProto.INT32 for w in weights)  # biases stay float, no int32 copies
     assert report["cosine_z_mean"] >= 0.98 and report["cosine_c_mean"] >= 0.98
 
 
@@ -116,3 +124,64 @@ def test_missing_export_packages_are_named_with_the_install_command(monkeypatch)
     monkeypatch.setattr(ondevice.importlib, "import_module", not_installed)
     with pytest.raises(UserError, match=r"onnxruntime is not installed: .*requirements-device.txt"):
         ondevice.onnx_session(Path("any.onnx"))
+
+
+def fine_tuned(task: str, **head) -> Classifier:
+    """A finetune.py model on a tiny base backbone, with every weight and the standardisation moved off its
+    initial value, as training would."""
+    torch.manual_seed(0)
+    config = HeadConfig(task=task, labels=("no", "yes", "stop") if task == "classify" else (), channels=8,
+                        num_layers=9, hidden=16, target_mean=3.0, target_std=2.0, **head)
+    model = Classifier(config, Wav2VecConfig.preset("wav2vec", channels=8))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        model.feature_mean.normal_()
+        model.feature_std.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("task, head", [("classify", {"layer": "c", "pool": "mean", "head": "linear"}),
+                                        ("classify", {"layer": "all", "pool": "attentive", "head": "mlp"}),
+                                        ("regress", {"layer": "z", "pool": "mean+std", "head": "linear"})])
+def test_a_fine_tuned_head_exports_with_its_backbone_as_one_graph_equal_to_predict(tmp_path, task, head):
+    model, path = fine_tuned(task, **head), tmp_path / "classifier.onnx"
+    ondevice.export_onnx(model, path)
+    session = ondevice.onnx_session(path)
+    for length in (465, 3001, 8000):  # the graph's length is dynamic
+        wav = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+        got, want = ondevice.onnx_offline(session, wav), model.predict(wav)
+        if task == "classify":
+            want_probabilities = list(want["probabilities"].values())
+            np.testing.assert_allclose(got["probabilities"][0], want_probabilities, rtol=1e-4)
+        else:
+            np.testing.assert_allclose(got["value"], [want["value"]], rtol=1e-4)
+
+
+def test_export_cli_writes_a_fine_tuned_model_as_onnx_torchscript_and_int8(tmp_path):
+    checkpoint = tmp_path / "finetuned.pt"
+    torch.save(fine_tuned("classify").payload({}), checkpoint)  # what finetune.py writes
+    calibration = tmp_path / "calibration"
+    make_demo_corpus(calibration, num_speakers=1, files_per_speaker=4, seconds_per_file=1.0)
+    for fmt, quantize in (("onnx", []), ("torchscript", []),
+                          ("onnx", ["--quantize", "int8", "--calibration-dir", str(calibration)])):
+        report = export.main(["--checkpoint", str(checkpoint), "--format", fmt, *quantize,
+                              "--output", str(tmp_path / f"out.{fmt}{len(quantize)}")])
+        assert report["form"] == "classifier" and report["max_abs_diff_to_pytorch"] < 1e-4
+    assert report["same_label_fraction"] >= 0.75
+    labels = json.loads(ondevice.onnx_session(tmp_path / "out.onnx4").get_modelmeta()
+                        .custom_metadata_map["head_config"])["labels"]
+    assert labels == ["no", "yes", "stop"]
+
+
+def test_a_fine_tuned_model_cannot_be_exported_as_a_stream(tmp_path):
+    checkpoint = tmp_path / "finetuned.pt"
+    torch.save(fine_tuned("classify").payload({}), checkpoint)
+    with pytest.raises(UserError, match="drop --streaming"):
+        export.main(["--checkpoint", str(checkpoint), "--streaming", "--output", str(tmp_path / "x.onnx")])
+
+
+def test_an_mfcc_head_is_refused_with_the_reason():
+    model = Classifier(HeadConfig(labels=("a", "b"), backbone="mfcc", channels=26), None)
+    with pytest.raises(UserError, match="MFCCs.*NumPy"):
+        ondevice.export_onnx(model, Path("never-written.onnx"))

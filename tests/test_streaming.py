@@ -66,19 +66,21 @@ def test_a_group_norm_model_is_refused_with_what_to_train_instead():
         StreamingStep(model)
 
 
-def test_the_fixed_shape_step_gives_offline_frames_after_its_warmup():
+@pytest.mark.parametrize("hops", [1, 2, 5])  # frame 0 in the third call, at the start, inside the first
+def test_the_fixed_shape_step_gives_offline_frames_after_its_warmup(hops):
     model = streamable(skip_connections=True, log_compression=True)
-    step, wav = StreamingStep(model), torch.randn(LENGTH)
+    step, wav = StreamingStep(model, hops), torch.randn(LENGTH)
+    samples = hops * model.config.stride
     state, zs, cs = step.initial_state(), [], []
     with torch.no_grad():
-        for start in range(0, len(wav) - model.config.stride + 1, model.config.stride):
-            z, c, *state = step(wav[None, start:start + model.config.stride], *state)
+        for start in range(0, len(wav) - samples + 1, samples):
+            z, c, *state = step(wav[None, start:start + samples], *state)
             zs.append(z)
             cs.append(c)
-    got = {"z": torch.cat(zs[step.warmup_hops:], 2), "c": torch.cat(cs[step.warmup_hops:], 2)}
+    got = {"z": torch.cat(zs, 2)[..., step.warmup_hops:], "c": torch.cat(cs, 2)[..., step.warmup_hops:]}
     offline = model.extract_features(wav)
     frames = got["z"].shape[-1]
-    assert frames == model.num_frames(len(zs) * model.config.stride)  # every frame the pushed hops complete
+    assert frames == model.num_frames(len(zs) * samples)  # every frame the pushed hops complete
     assert_equal_to_float32_rounding(got, {key: value[..., :frames] for key, value in offline.items()})
 
 
