@@ -90,7 +90,7 @@ def chunk_sizes(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("benchmark")
     what.add_argument("--what", choices=sorted(BENCHMARKS), default="loader", help="what to time")
