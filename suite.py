@@ -334,7 +334,7 @@ def draw_learning_curve(curve: Sequence[dict], baselines: dict[str, float], path
         layer = name.rsplit(" ", 1)[-1]
         axes.axhline(accuracy, color=colours.get(layer, "gray"), linestyle="--" if layer in colours else "-",
                      label=name)
-    axes.set(xlabel="training minutes", ylabel="accuracy", title=f"FSDD digits, {TASKS[CURVE_TASK][0]}")
+    axes.set(xlabel="training minutes", ylabel="accuracy", title=f"FSDD {TASKS[CURVE_TASK][0]}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
