@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import threadpoolctl
 import torch
+from weights import save_weights
 
 import extract
 import main
@@ -41,9 +42,7 @@ def corpus(tmp_path_factory) -> Path:
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
-    return path
+    return save_weights(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 def blocked(tmp_path: Path) -> Path:

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from weights import save_weights
 
 import export
 import ondevice
@@ -23,9 +24,7 @@ def model() -> Wav2Vec:
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
-    return path
+    return save_weights(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from weights import save_weights
 
 import extract
 from features import chunk_windows, chunked_features, model_features, pool
@@ -34,9 +35,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     model = tiny_model()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
-    return path
+    return save_weights(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 def noise(seconds: float, seed: int = 0) -> np.ndarray:

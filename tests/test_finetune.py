@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from weights import save_weights
 
 import finetune
 import probe
@@ -45,9 +46,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 32-channel base network in main.py's checkpoint format."""
     torch.manual_seed(0)
     model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=32))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
-    return path
+    return save_weights(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 def run(tmp_path: Path, data_dir: Path, *flags: str, checkpoint: str = "mfcc",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from weights import save_weights
 
 import probe
 from data import make_demo_corpus
@@ -110,7 +111,7 @@ def test_random_with_a_checkpoint_is_a_random_network_of_that_checkpoints_config
     torch.manual_seed(1)
     trained = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16, norm="layer"))
     checkpoint = tmp_path / "tiny.pt"
-    torch.save({"config": trained.config.to_dict(), "model": trained.state_dict()}, checkpoint)
+    save_weights(trained, checkpoint)
     wav = [np.random.default_rng(0).standard_normal(1600).astype(np.float32)]
     random_of_it, _ = probe.featurizer(f"random:{checkpoint}", "c", seed=3, device=torch.device("cpu"))
     torch.manual_seed(3)
@@ -127,7 +128,7 @@ def test_the_json_records_the_config_of_the_network_probed(tmp_path):
         write_tone(tmp_path / "data" / "high" / f"{k}.wav", 2000 + 100 * k, seed=k)
     torch.manual_seed(0)
     model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16))
-    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, tmp_path / "tiny.pt")
+    save_weights(model, tmp_path / "tiny.pt")
     for features, channels in ((f"random:{tmp_path / 'tiny.pt'}", 16), ("mfcc", None)):
         probe.main(["--data-dir", str(tmp_path / "data"), "--labels", "folder", "--features", features,
                     "--folds", "3", "--json", str(tmp_path / "p.json")])
