@@ -623,7 +623,11 @@ def load_failure_reason(err: Exception) -> str:
 
 def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2VecConfig, dict]:
     """(config, state dict) from a checkpoint file of this repository or of fairseq's wav2vec 1.0."""
-    ckpt = read_checkpoint(path, map_location)
+    return checkpoint_weights(read_checkpoint(path, map_location), path)
+
+
+def checkpoint_weights(ckpt: dict, path: str | Path) -> tuple[Wav2VecConfig, dict]:
+    """(config, state dict) from the dict read_checkpoint(path) returned."""
     if "config" in ckpt and "model" in ckpt and isinstance(ckpt["config"], dict):
         return Wav2VecConfig.from_dict(ckpt["config"]), ckpt["model"]
     if "model" in ckpt and ("args" in ckpt or "cfg" in ckpt):

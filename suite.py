@@ -43,7 +43,7 @@ import torch
 import probe
 from data import find_audio_files, make_demo_corpus
 from features import FramesOf, file_frames, frame_label_path, model_layers, pool
-from model import UserError, load_checkpoint_weights, read_checkpoint
+from model import UserError, Wav2VecConfig, checkpoint_weights, read_checkpoint
 from utils import (
     add_threads_argument,
     ensure_writable_dir,
@@ -110,6 +110,7 @@ class Source:
     tasks: list[str]
     train_seconds: float | None = None
     step: int | None = None
+    config: Wav2VecConfig | None = None  # a checkpoint's, read once with its training time
     results: dict = field(default_factory=dict)  # layer -> task -> result
 
     @property
@@ -144,23 +145,23 @@ def checkpoint_sources(paths: Sequence[Path]) -> list[Source]:
     timed = []
     for path in paths:
         ckpt = read_checkpoint(path)  # one clear sentence for a missing or unreadable file
-        load_checkpoint_weights(path)  # and for a dict that is no wav2vec checkpoint, before any work
+        config, _ = checkpoint_weights(ckpt, path)  # and for a dict that is no wav2vec checkpoint
         seconds = ckpt.get("train_seconds")
-        timed.append((path, None if seconds is None else float(seconds), ckpt.get("step")))
+        timed.append((path, None if seconds is None else float(seconds), ckpt.get("step"), config))
     timed.sort(key=lambda item: (item[1] is None, item[1] or 0.0))
-    names = [path.name for path, _, _ in timed]
+    names = [path.name for path, _, _, _ in timed]
     unique = len(set(names)) == len(names)
-    longest = max((seconds for _, seconds, _ in timed if seconds is not None), default=None)
+    longest = max((seconds for _, seconds, _, _ in timed if seconds is not None), default=None)
     return [Source(str(path), path.name if unique else str(path),
-                   list(TASKS) if seconds in (None, longest) else [CURVE_TASK], seconds, step)
-            for path, seconds, step in timed]
+                   list(TASKS) if seconds in (None, longest) else [CURVE_TASK], seconds, step, config)
+            for path, seconds, step, config in timed]
 
 
 def random_sources(checkpoints: Sequence[Source]) -> list[Source]:
     """A random network of each configuration among the checkpoints (the last checkpoint's first)."""
     by_config: dict[str, Source] = {}
     for source in reversed(checkpoints):
-        config = json.dumps(probe.feature_config(source.spec).to_dict(), sort_keys=True)
+        config = json.dumps(source.config.to_dict(), sort_keys=True)
         random = Source(f"random:{source.spec}", f"random of {source.label}", list(TASKS))
         by_config.setdefault(config, random)
     sources = list(by_config.values())
