@@ -427,6 +427,14 @@ def augment(wav: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return wav + rng.standard_normal(len(wav), dtype=np.float32) * np.float32(np.sqrt(noise_power))
 
 
+def change_speed(wav: np.ndarray, rng: np.random.Generator, max_change: float) -> np.ndarray:
+    """Speed perturbation (Ko et al. 2015): play wav (L,) faster or slower by a factor drawn from
+    1 +- max_change, which moves pitch, formants and tempo together, as a different speaker would."""
+    factor = rng.uniform(1 - max_change, 1 + max_change)
+    positions = np.arange(0, len(wav) - 1, factor)
+    return np.interp(positions, np.arange(len(wav)), wav).astype(np.float32)
+
+
 class _CropDataset(Dataset):
     """Keys (index, epoch) -> fixed-length 16 kHz crops, wav (segment_length,). Subclasses only read samples.
 

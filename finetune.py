@@ -9,9 +9,10 @@
 In Python: `Classifier.from_pretrained("runs/ft/finetuned.pt").predict(wav)` (wav: 16 kHz float array or a
 path) gives {"label", "probabilities"} or {"value"}.
 
-- --checkpoint: a checkpoint of main.py or fairseq's wav2vec 1.0; `random`: the base network randomly
-  initialised (training from scratch, so use --freeze none); `mfcc`: 13 MFCCs + deltas per 10 ms frame
-  under the same head (a baseline in the same harness).
+- --checkpoint: a checkpoint of main.py or fairseq's wav2vec 1.0; `random:CKPT`: CKPT's network randomly
+  initialised (training from scratch with --freeze none: the baseline to compare CKPT with); `random`: the
+  same for the base network (512 channels); `mfcc`: 13 MFCCs + deltas per 10 ms frame under the same head
+  (a baseline in the same harness).
 - --labels: as probe.py: a TSV with `path` and a label column (--label-column), `folder`, `pattern:REGEX`
   (a named group `label`), `fsdd-digit` / `fsdd-speaker`. --task regress needs numeric labels.
 - The head: the frames of `c`, `z` or a learned softmax-weighted sum of every context layer's output
@@ -60,9 +61,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data import SAMPLE_RATE, augment, find_audio_files, load_audio
+from data import SAMPLE_RATE, augment, change_speed, find_audio_files, load_audio
 from features import MFCC_WINDOW, mfcc
 from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights, read_checkpoint
+from probe import feature_config, is_random
 from utils import (
     PRECISIONS,
     add_threads_argument,
@@ -349,7 +351,7 @@ def validation_rows(data: Dataset, train: np.ndarray, fraction: float,
 def cached_stage(args: argparse.Namespace) -> str:
     """What each training item starts from: "frames" (backbone frozen), "latent" (encoder frozen) or
     "wav". Waveform augmentation needs the waveform, so it turns the cache off."""
-    if args.augment or args.freeze == "none":
+    if args.augment or args.speed or args.freeze == "none":
         return "wav"
     if args.freeze == "all" or args.checkpoint == "mfcc":
         return "frames"
@@ -392,6 +394,8 @@ def batch_frames(model: Classifier, items: Sequence, stage: str, device: torch.d
         if train:
             per_second = SAMPLE_RATE if stage == "wav" else FRAMES_PER_SECOND
             item = crop(item, int(args.crop_seconds * per_second), rng)
+            if stage == "wav" and args.speed:
+                item = change_speed(item, rng, args.speed)
             if stage == "wav" and args.augment:
                 item = augment(item.copy(), rng)
         if stage == "wav":
@@ -658,8 +662,7 @@ def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, descriptio
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     header, rows = prediction_rows(config, names, predictions, {"fold": folds_column, "true": true})
     write_csv(out / "predictions.csv", header, rows)
-    title = f"{args.checkpoint if args.checkpoint in ('random', 'mfcc') else Path(args.checkpoint).name}, " \
-            f"freeze {args.freeze}, {description}: {summary(metrics)}"
+    title = f"{backbone_label(args.checkpoint)}, freeze {args.freeze}, {description}: {summary(metrics)}"
     if config.task == "classify":
         plot_results(config, true, [p["label"] for p in predictions], out / "confusion_matrix.png", title)
     else:
@@ -674,6 +677,14 @@ def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, descriptio
                                                 "metrics": json.loads(json.dumps(result.metrics))}),
                     out / "finetuned.pt")
     return metrics
+
+
+def backbone_label(spec: str) -> str:
+    """--checkpoint for a plot title: mfcc, random, or the file name of the checkpoint (or "random NAME")."""
+    if spec in ("mfcc", "random"):
+        return spec
+    name = Path(spec.removeprefix("random:")).name
+    return f"random {name}" if is_random(spec) else name
 
 
 def saved_fold(tested: list[tuple[str, np.ndarray, FoldResult]]) -> tuple[str, np.ndarray, FoldResult]:
@@ -692,12 +703,13 @@ def saved_fold(tested: list[tuple[str, np.ndarray, FoldResult]]) -> tuple[str, n
 # ----- command line -------------------------------------------------------------------------------
 
 def backbone_weights(spec: str, seed: int) -> tuple[Wav2VecConfig, dict] | None:
-    """(config, state dict) of the starting backbone: a checkpoint, the base network at random, or None."""
+    """(config, state dict) of the starting backbone: a checkpoint, a random network (of a checkpoint's
+    configuration for random:CKPT, else the base one), or None for MFCCs."""
     if spec == "mfcc":
         return None
-    if spec == "random":
+    if is_random(spec):
         torch.manual_seed(seed)
-        model = Wav2Vec(Wav2VecConfig.preset("wav2vec"))
+        model = Wav2Vec(feature_config(spec))
         return model.config, model.state_dict()
     return load_checkpoint_weights(spec)
 
@@ -758,7 +770,9 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and labels")
-    data.add_argument("--checkpoint", required=True, help="a checkpoint (ours or fairseq's), random or mfcc")
+    data.add_argument("--checkpoint", required=True,
+                      help="a checkpoint (ours or fairseq's), random:CKPT (CKPT's network, randomly "
+                           "initialised), random (the base network's) or mfcc")
     data.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
     data.add_argument("--labels", required=True,
                       help="TSV path, folder, pattern:REGEX, fsdd-digit or fsdd-speaker")
@@ -792,6 +806,9 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     optim.add_argument("--crop-seconds", type=float, default=4.0, help="training crops of longer files")
     optim.add_argument("--augment", action="store_true",
                        help="pre-training augmentations (shift, gain, noise); turns the feature cache off")
+    optim.add_argument("--speed", type=float, default=0.0,
+                       help="speed perturbation: each training crop plays at a random rate in 1 +- SPEED "
+                            "(0.1: 0.9-1.1x; pitch and tempo move together); turns the feature cache off")
     optim.add_argument("--mask-frames", type=float, default=0.0,
                        help="fraction of frames masked in spans of 50 ms during training")
     optim.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
@@ -818,6 +835,8 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
                         "drop --freeze and --layer.")
     if not 0 <= args.valid_fraction < 1 or args.folds < 0:
         raise UserError("--valid-fraction must be in [0, 1) and --folds at least 0.")
+    if not 0 <= args.speed < 0.5:
+        raise UserError(f"--speed must be in [0, 0.5) (0.1 plays crops at 0.9-1.1x), not {args.speed}.")
     return args
 
 

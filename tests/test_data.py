@@ -21,6 +21,7 @@ from data import (
     EpochSampler,
     PackedCropDataset,
     build_manifest,
+    change_speed,
     find_audio_files,
     load_audio,
     make_demo_corpus,
@@ -154,6 +155,18 @@ def test_transforms_change_training_crops_reproducibly(tmp_path):
     assert not torch.allclose(plain[(0, 1)], augmented[(0, 1)], atol=1e-3)
     assert torch.equal(augmented[(0, 1)], augmented[(0, 1)])
     assert not torch.equal(augmented[(0, 1)], augmented[(0, 2)])
+
+
+def test_speed_perturbation_scales_pitch_and_duration_by_one_factor():
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    wav = np.sin(2 * np.pi * 500 * t).astype(np.float32)
+    for seed in range(5):
+        faster = change_speed(wav, np.random.default_rng(seed), max_change=0.2)
+        factor = len(wav) / len(faster)
+        assert 0.8 <= factor <= 1.2 and faster.dtype == np.float32
+        spectrum = np.abs(np.fft.rfft(faster))
+        peak_hz = np.argmax(spectrum) * SAMPLE_RATE / len(faster)
+        assert abs(peak_hz - 500 * factor) < 3
 
 
 @pytest.mark.parametrize("pad_short", [False, True])

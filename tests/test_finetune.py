@@ -212,6 +212,17 @@ def test_freezing_really_freezes(tmp_path, tones, tiny_checkpoint, freeze, froze
     assert not any(unchanged(part) for part in trained)
 
 
+def test_random_checkpoint_trains_the_checkpoints_network_from_new_weights(tmp_path, tones, tiny_checkpoint):
+    # The tiny checkpoint is itself a network initialised from seed 0: another seed tells the two apart.
+    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--max-updates", "2", "--seed", "1",
+        checkpoint=f"random:{tiny_checkpoint}")
+    saved = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)
+    pretrained = torch.load(tiny_checkpoint, weights_only=True)
+    assert saved["backbone_config"] == pretrained["config"]
+    assert not torch.equal(saved["model"]["backbone.encoder.layers.0.conv.weight"],
+                           pretrained["model"]["encoder.layers.0.conv.weight"])
+
+
 # ----- user errors ---------------------------------------------------------------------------------
 
 def test_one_class_is_a_clear_error(tmp_path, tones):
