@@ -1,6 +1,6 @@
 """Fine-tune a pre-trained wav2vec (or MFCCs, or the network from scratch) into a classifier or regressor.
 
-    python finetune.py --checkpoint CKPT|random|mfcc --data-dir DIR --labels SOURCE --output-dir runs/ft
+    python finetune.py --checkpoint CKPT|random:CKPT|mfcc --data-dir DIR --labels SOURCE --output-dir runs/ft
                        [--task classify|regress] [--group-column speaker | --split fsdd-official]
                        [--freeze all|encoder|none] [--layer c|z|all] [--pool mean|mean+std|attentive]
                        [--head linear|mlp] [--epochs N] [--max-updates N] [--max-minutes M] [--threads 1]
@@ -24,6 +24,8 @@ path) gives {"label", "probabilities"} or {"value"}.
 - Batches: files of different lengths are padded and masked. The backbone runs on each file alone,
   because its GroupNorm statistics span the whole input: padding would change every frame. Training crops
   files longer than --crop-seconds at random; evaluation and prediction see whole files.
+- Augmentation (training only): --speed (speed perturbation), --augment (shift, gain, noise), both on the
+  waveform, so they turn the cache of --freeze all / encoder off; --mask-frames masks spans of frames.
 - Evaluation: --group-column COLUMN gives folds disjoint in that column (--folds 0: leave one group out,
   else that many grouped folds); --split fsdd-official tests on FSDD repetitions 0-4; otherwise
   stratified (classify) or plain (regress) k-fold. Each fold holds out --valid-fraction of its training
