@@ -100,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
     data.add_argument("--labels", help="TSV path, folder, pattern:REGEX, fsdd-digit or fsdd-speaker "
                                        "(not with --frame-level: those labels sit beside the audio)")
+    data.add_argument("--label-column", default="label", help="TSV column (or pattern group) of the label")
     data.add_argument("--group-column", help="TSV column or pattern group for leave-one-group-out folds")
     data.add_argument("--frame-level", action="store_true", help="probe every 10 ms frame instead of files")
     data.add_argument("--max-frames", type=int, default=50000,
@@ -343,7 +344,7 @@ def select_files(args: argparse.Namespace) -> Selection:
                             f"under {args.data_dir}.")
         labels = groups = None
     else:
-        labels, groups = read_labels(names, args.labels, args.data_dir, args.group_column)
+        labels, groups = read_labels(names, args.labels, args.data_dir, args.group_column, args.label_column)
         keep = [i for i, label in enumerate(labels)
                 if label is not None and (groups is None or groups[i] is not None)]
         labels = [labels[i] for i in keep]

@@ -144,6 +144,15 @@ def test_tsv_labels_and_group_column(tmp_path):
     assert labels == ["yes", "no", None] and groups == ["ann", "bob", None]
 
 
+def test_label_column_names_the_tsv_column_the_labels_come_from(tmp_path):
+    for name in ("a.wav", "b.wav"):
+        write_tone(tmp_path / name, 200)
+    (tmp_path / "meta.tsv").write_text("path\tage\tspeaker\na.wav\t7\tann\nb.wav\t31\tbob\n")
+    args = probe.parse_args(["--data-dir", str(tmp_path), "--labels", "meta.tsv", "--label-column", "age",
+                             "--task", "regress", "--features", "mfcc", "--json", str(tmp_path / "out.json")])
+    assert probe.select_files(args).labels == ["7", "31"]
+
+
 def test_folder_labels_are_the_parent_folder_names(tmp_path):
     labels, groups = probe.read_labels(["dog/1.wav", "cat/deep/2.wav"], "folder", tmp_path)
     assert labels == ["dog", "deep"] and groups is None
