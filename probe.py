@@ -13,10 +13,10 @@ fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
   `random` (the same for the base wav2vec configuration, 512 channels), the path of a checkpoint (ours
   or fairseq's), or an offline ONNX graph written by export.py (`.onnx`, fp32 or int8, run by ONNX
   Runtime). The JSON records the configuration of the network used.
-- --labels: a TSV whose header has `path` (relative to --data-dir) and `label`; `folder` (each file's
-  sub-folder); `pattern:REGEX` (a regular expression matching the whole file name, with a named group
-  `label`); `fsdd-digit` / `fsdd-speaker` (FSDD names `{digit}_{speaker}_{index}.wav`). Files without a
-  label are skipped.
+- --labels: a TSV whose header has `path` (relative to --data-dir) and `label` (or the column named by
+  --label-column); `folder` (each file's sub-folder); `pattern:REGEX` (a regular expression matching the
+  whole file name, with a named group `label`, or --label-column's); `fsdd-digit` / `fsdd-speaker` (FSDD
+  names `{digit}_{speaker}_{index}.wav`). Files without a label are skipped.
 - Evaluation: stratified k-fold by default; --group-column COLUMN (a TSV column or a named group of the
   pattern, e.g. `speaker` with the fsdd shortcuts) leaves one group out per fold; --split fsdd-official
   trains on FSDD repetitions 5-49 and tests on 0-4.
