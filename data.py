@@ -427,10 +427,12 @@ def augment(wav: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return wav + rng.standard_normal(len(wav), dtype=np.float32) * np.float32(np.sqrt(noise_power))
 
 
-def change_speed(wav: np.ndarray, rng: np.random.Generator, max_change: float) -> np.ndarray:
+def change_speed(wav: np.ndarray, rng: np.random.Generator, max_change: float,
+                 min_length: int = 1) -> np.ndarray:
     """Speed perturbation (Ko et al. 2015): play wav (L,) faster or slower by a factor drawn from
-    1 +- max_change, which moves pitch, formants and tempo together, as a different speaker would."""
-    factor = rng.uniform(1 - max_change, 1 + max_change)
+    1 +- max_change, which moves pitch, formants and tempo together, as a different speaker would. Never
+    faster than leaves min_length samples (a model's shortest input)."""
+    factor = min(rng.uniform(1 - max_change, 1 + max_change), (len(wav) - 1) / min_length)
     positions = np.arange(0, len(wav) - 1, factor)
     return np.interp(positions, np.arange(len(wav)), wav).astype(np.float32)
 

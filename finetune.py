@@ -184,6 +184,11 @@ class Classifier(nn.Module):
         else:
             self.out = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, config.outputs))
 
+    @property
+    def shortest_input(self) -> int:
+        """Samples at 16 kHz that make one frame."""
+        return MFCC_WINDOW if self.backbone is None else self.backbone.receptive_field
+
     # The backbone in two stages, so that a frozen prefix can be computed once and cached:
     # wav (L,) --latent--> z or MFCCs (C, T) --frames--> (C, T), or (layers, C, T) for the weighted sum.
 
@@ -366,7 +371,7 @@ def prepare_inputs(model: Classifier, paths: Sequence[Path], stage: str, device:
     inputs = []
     for path in tqdm(paths, desc=f"loading ({stage})", unit="file", leave=False):
         wav = load_audio(path, SAMPLE_RATE)
-        shortest = MFCC_WINDOW if model.backbone is None else model.backbone.receptive_field
+        shortest = model.shortest_input
         if len(wav) < shortest:
             raise UserError(f"{path} is shorter than one frame ({len(wav)} of {shortest} samples at 16 kHz): "
                             "remove it or pad it.")
@@ -397,7 +402,7 @@ def batch_frames(model: Classifier, items: Sequence, stage: str, device: torch.d
             per_second = SAMPLE_RATE if stage == "wav" else FRAMES_PER_SECOND
             item = crop(item, int(args.crop_seconds * per_second), rng)
             if stage == "wav" and args.speed:
-                item = change_speed(item, rng, args.speed)
+                item = change_speed(item, rng, args.speed, model.shortest_input)
             if stage == "wav" and args.augment:
                 item = augment(item.copy(), rng)
         if stage == "wav":

@@ -169,6 +169,13 @@ def test_speed_perturbation_scales_pitch_and_duration_by_one_factor():
         assert abs(peak_hz - 500 * factor) < 3
 
 
+def test_speed_perturbation_never_leaves_fewer_samples_than_asked():
+    wav = np.random.default_rng(0).standard_normal(470).astype(np.float32)
+    lengths = [len(change_speed(wav, np.random.default_rng(seed), 0.45, min_length=465))
+               for seed in range(50)]
+    assert min(lengths) >= 465 and max(lengths) > 470  # slowed down freely, sped up only to the limit
+
+
 @pytest.mark.parametrize("pad_short", [False, True])
 def test_short_files_are_counted_and_skipped_or_padded(tmp_path, caplog, pad_short):
     write(tmp_path / "long.wav", tone(1.0, SAMPLE_RATE), SAMPLE_RATE)
