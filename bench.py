@@ -51,23 +51,28 @@ import ondevice
 from data import (
     DEFAULT_CACHE_DIR,
     SAMPLE_RATE,
-    CropDataset,
     EpochSampler,
-    PackedCropDataset,
     build_manifest,
-    make_loader,
+    crop_dataset,
+    epoch_loader,
     prepare_packed_corpus,
 )
-from model import PRESETS, StreamingStep, UserError, Wav2Vec, Wav2VecConfig
+from model import PRESETS, StreamingStep, Wav2Vec, Wav2VecConfig
+from training import build_optimizer, make_grad_scaler, optimizer_step
 from utils import (
     PRECISIONS,
+    HelpFormatter,
+    UserError,
+    add_device_argument,
+    add_precision_argument,
+    add_renamed,
+    add_threads_argument,
     autocast_context,
-    build_optimizer,
     configure_backends,
-    make_grad_scaler,
-    optimizer_step,
     resolve_device,
+    resolve_precision,
     run_cli,
+    set_threads,
     setup_logging,
 )
 
@@ -75,6 +80,9 @@ log = logging.getLogger(__name__)
 
 CLIP_NORM = 5.0  # main.py's default gradient clipping, so the step costs what a real update costs
 TRAIN_FLOPS_FACTOR = 3  # backward ~ 2x forward (gradients of inputs and of weights)
+# A 1-minute load average above this before a benchmark starts means other jobs share the CPU (an idle
+# 2-core machine sits below 0.2).
+BUSY_LOAD = 0.5
 
 
 def chunk_sizes(text: str) -> tuple[int, ...]:
@@ -90,8 +98,7 @@ def chunk_sizes(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     what = parser.add_argument_group("benchmark")
     what.add_argument("--what", choices=sorted(BENCHMARKS), default="loader", help="what to time")
     what.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
@@ -102,10 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model (train, extract)")
     model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
                        help="model configuration (main.py's --model)")
-    model.add_argument("--channels", type=int, default=512, help="width of every convolution")
-    model.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                       help="fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)")
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--channels", type=int, default=None,
+                       help="width of every convolution (default: the preset's, as in main.py)")
+    add_precision_argument(model, default="fp32")
+    add_device_argument(model)
+    add_threads_argument(model)
     model.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up compiles)")
     model.add_argument("--matmul-size", type=int,
                        help="side of the square matmul that measures the peak (default 2048 CPU, 8192 GPU)")
@@ -118,7 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="read crops from a packed 16 kHz corpus in this folder (made on first use)")
     data.add_argument("--segment-length", type=int, default=32000, help="samples per crop at 16 kHz")
     data.add_argument("--pad-short", action="store_true", help="zero-pad files shorter than a crop, not skip")
-    data.add_argument("--use-transforms", action="store_true", help="apply the training augmentations")
+    data.add_argument("--augment", action="store_true", help="apply the training augmentations")
+    add_renamed(data, "--use-transforms", "--augment", switch=True)
     loader = parser.add_argument_group("loader")
     loader.add_argument("--batch-size", type=int, default=8, help="crops per batch")
     loader.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
@@ -134,8 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batches < 1 or args.warmup < 0:
         parser.error("--repeats and --batches must be at least 1, --warmup at least 0")
-    if args.channels < 1 or args.batch_size < 1:
+    if (args.channels is not None and args.channels < 1) or args.batch_size < 1:
         parser.error("--channels and --batch-size must be at least 1")
+    args.channels = args.channels or Wav2VecConfig.preset(args.model).context_layers[-1][0]
+    args.precision = resolve_precision(args.precision, resolve_device(args.device))
     return args
 
 
@@ -152,18 +163,13 @@ def endless_batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler) 
 
 def training_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor], torch.utils.data.Dataset]:
     """Endless wav (B, L) batches from --data-dir, exactly as main.py draws them; and their dataset."""
-    if args.data_dir is None:
-        raise UserError(f"--what {args.what} needs --data-dir.")
     entries = build_manifest(args.data_dir, args.cache_dir)
-    options = dict(segment_length=args.segment_length, train=True, transforms=args.use_transforms,
-                   pad_short=args.pad_short, seed=args.seed)
     if args.packed_dir is not None:
-        dataset = PackedCropDataset(prepare_packed_corpus(args.data_dir, entries, args.packed_dir), **options)
-    else:
-        dataset = CropDataset(args.data_dir, entries, **options)
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=args.seed)
-    loader = make_loader(dataset, sampler, args.batch_size, num_workers=args.num_workers, seed=args.seed)
-    return endless_batches(loader, sampler), dataset
+        prepare_packed_corpus(args.data_dir, entries, args.packed_dir)
+    dataset = crop_dataset(args.data_dir, entries, args.packed_dir, segment_length=args.segment_length,
+                           train=True, transforms=args.augment, pad_short=args.pad_short, seed=args.seed)
+    loader = epoch_loader(dataset, args.batch_size, args.num_workers, args.seed)
+    return endless_batches(loader, loader.sampler), dataset
 
 
 def bench_loader(args: argparse.Namespace) -> dict:
@@ -189,7 +195,7 @@ def bench_loader(args: argparse.Namespace) -> dict:
         "segment_length": args.segment_length,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
-        "transforms": args.use_transforms,
+        "transforms": args.augment,
         "batches_per_repeat": args.batches,
         "repeat_seconds": [round(s, 4) for s in seconds],
         "audio_seconds_per_second": round(median, 1),
@@ -507,11 +513,27 @@ def print_table(result: dict) -> None:
             print("  ".join(f"{str(line.get(c, '')):>{widths[c]}}" for c in columns))
 
 
+def busy_warning(load: float) -> str | None:
+    """The warning for a machine that other jobs keep busy (1-minute load average `load` before we start)."""
+    if load < BUSY_LOAD:
+        return None
+    return (f"The load average is {load:.2f} before the benchmark starts: other jobs share the CPU, so these "
+            "timings are not an idle machine's. Compare variants as ratios measured in one run, or wait for "
+            "an idle machine.")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark the arguments name, print it as a table, write the JSON; return the result."""
     args = parse_args(argv)
     setup_logging()
-    result = BENCHMARKS[args.what](args)
+    if args.what == "loader" and args.data_dir is None:  # a refusal comes before the busy-machine warning
+        raise UserError("--what loader needs --data-dir.")
+    set_threads(args.threads)
+    load = os.getloadavg()[0]
+    warning = busy_warning(load)
+    if warning:
+        log.warning(warning)
+    result = {**BENCHMARKS[args.what](args), "load_average_before": round(load, 2)}
     print_table(result)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

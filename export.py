@@ -31,9 +31,18 @@ import numpy as np
 import torch
 
 import ondevice
-from finetune import Classifier
-from model import StreamingStep, UserError, Wav2Vec, read_checkpoint
-from utils import positive_int, run_cli, setup_logging
+from data import SAMPLE_RATE
+from heads import Classifier
+from model import StreamingStep, Wav2Vec, read_checkpoint
+from utils import (
+    HelpFormatter,
+    UserError,
+    add_threads_argument,
+    positive_int,
+    run_cli,
+    set_threads,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +51,7 @@ STREAM_SECONDS = 1.0  # random audio streamed hop by hop for the streaming parit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="a checkpoint of main.py (or fairseq's), or a finetuned.pt of finetune.py")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
@@ -59,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dynamo", action="store_true",
                         help="use PyTorch's torch.export-based ONNX exporter (minutes, not seconds)")
     parser.add_argument("--json", type=Path, help="also write the report to this JSON file")
+    add_threads_argument(parser, default=1)
     args = parser.parse_args(argv)
     if args.quantize and args.format != "onnx":
         parser.error("--quantize int8 works on ONNX graphs: use --format onnx")
@@ -127,7 +136,7 @@ def reference_and_exported(model: Wav2Vec | Classifier, run: Callable[..., tuple
     step = StreamingStep(model, hops).eval()
     state = step.initial_state()
     exported = [s.numpy() for s in state]
-    wav = rng.standard_normal((1, int(stream_seconds * 16000))).astype(np.float32)
+    wav = rng.standard_normal((1, int(stream_seconds * SAMPLE_RATE))).astype(np.float32)
     pairs, samples = [], hops * model.config.stride
     with torch.no_grad():
         for start in range(0, wav.shape[1] - samples + 1, samples):
@@ -196,7 +205,7 @@ def int8_report(fp32_path: Path, int8_path: Path, wavs: list[np.ndarray]) -> dic
     report = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
     report["size_ratio"] = round(report["fp32_bytes"] / report["int8_bytes"], 2)
     report.update(closeness(outputs_of(fp32_path, wavs), outputs_of(int8_path, wavs)))
-    second = np.resize(wavs[0], 16000)
+    second = np.resize(wavs[0], SAMPLE_RATE)
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
         session = ondevice.onnx_session(path)
         if session.get_modelmeta().custom_metadata_map["form"] == "streaming":
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Export, check the written file against PyTorch, quantize if asked; print and return the report."""
     args = parse_args(argv)
     setup_logging()
-    torch.set_num_threads(1)
+    set_threads(args.threads)
     model = load_model(args.checkpoint, args.streaming)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     exported = args.output.with_suffix(".fp32.onnx") if args.quantize else args.output

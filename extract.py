@@ -1,12 +1,14 @@
 """Turn every audio file under a folder into wav2vec features: frame-level arrays or pooled vectors.
 
-    python extract.py --checkpoint CKPT --data-dir DIR --output OUT [--layer c|z] [--pool none|mean|mean+std]
+    python extract.py --checkpoint CKPT --data-dir DIR --output OUT [--layer z] [--pool mean+std]
 
 OUT is a folder (one .npy per audio file, mirroring the tree under DIR: a.wav -> OUT/a.npy) or, when it
 ends with .npz, one archive holding `files` (relative paths) and `features`: (N, D) pooled vectors, or
 with --pool none every file's frames concatenated along time, (C, sum T), with their `lengths` (N,).
 Frame-level arrays are channels-first (C, T), one frame per 10 ms; frame t covers samples
-[160 t, 160 t + 465). Checkpoints of this repository and fairseq wav2vec 1.0 checkpoints both load.
+[160 t, 160 t + 465). Checkpoints of this repository and fairseq wav2vec 1.0 checkpoints both load;
+--checkpoint also takes the baselines (random:CKPT, random, mfcc) and offline ONNX graphs, as probe.py does.
+--pool defaults to none (the frames: extraction's job); probe.py and finetune.py pool with mean+std.
 
 Long files (over --chunk-seconds) are processed in chunks with the receptive field of c as left context,
 so memory stays bounded. For norm="layer" models this is exact. For norm="group" models (the default)
@@ -19,15 +21,16 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from data import find_audio_files
-from features import LAYERS, POOLINGS, SAMPLE_RATE, file_frames, model_features, pool
-from model import UserError, Wav2Vec
+from data import SAMPLE_RATE, find_audio_files
+from features import BACKBONE_HELP, LAYERS, POOLINGS, backbone_config, featurizer, file_frames, pool
 from utils import (
+    HelpFormatter,
+    UserError,
+    add_device_argument,
     add_threads_argument,
     ensure_writable_dir,
     ensure_writable_file,
@@ -41,11 +44,9 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--checkpoint", type=Path, required=True,
-                    help="a checkpoint written by main.py, or a fairseq wav2vec 1.0 checkpoint")
+    io.add_argument("--checkpoint", required=True, help=BACKBONE_HELP)
     io.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
     io.add_argument("--output", type=Path, required=True,
                     help="a folder for one .npy per file, or a path ending in .npz for one archive")
@@ -54,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="c: context network output (default); z: encoder output")
     feats.add_argument("--pool", choices=POOLINGS, default="none",
                        help="none: frames (C, T); mean: (C,); mean+std: (2C,), over time")
+    feats.add_argument("--seed", type=int, default=0, help="seed of a random:CKPT or random network")
     compute = parser.add_argument_group("compute")
-    compute.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add_device_argument(compute)
     compute.add_argument("--batch-size", type=int, default=8,
                          help="files loaded at a time; those of equal length share one forward pass")
     compute.add_argument("--chunk-seconds", type=float, default=60.0,
@@ -105,17 +107,17 @@ def main(argv: list[str] | None = None) -> None:
         ensure_writable_dir(args.output, "--output")
 
     device = resolve_device(args.device)
-    model = Wav2Vec.from_pretrained(args.checkpoint, map_location=device)
-    chunk_samples = int(args.chunk_seconds * SAMPLE_RATE)
-    exactness = "exact" if model.config.norm == "layer" else "approximate GroupNorm statistics"
-    log.info("%s: %d parameters, norm=%s, on %s; %d files; files over %g s are chunked (%s)",
-             args.checkpoint, model.num_parameters(), model.config.norm, device, len(files),
-             args.chunk_seconds, exactness)
+    frames_of, window = featurizer(args.checkpoint, args.layer, args.seed, device,
+                                   int(args.chunk_seconds * SAMPLE_RATE))
+    config = backbone_config(args.checkpoint)
+    if config is not None:
+        exactness = "exact" if config.norm == "layer" else "approximate GroupNorm statistics"
+        log.info("%s: norm=%s, on %s; %d files; files over %g s are chunked (%s)", args.checkpoint,
+                 config.norm, device, len(files), args.chunk_seconds, exactness)
 
     start = time.perf_counter()
-    frames_of = partial(model_features, model, layer=args.layer, chunk_samples=chunk_samples)
     names, arrays = [], []
-    for path, frames in file_frames(files, frames_of, model.receptive_field, args.batch_size, desc="extract"):
+    for path, frames in file_frames(files, frames_of, window, args.batch_size, desc="extract"):
         vector = pool(frames, args.pool)
         names.append(path.relative_to(args.data_dir).as_posix())
         if to_npz:

@@ -20,10 +20,10 @@ The convolutions therefore see exactly the samples they see in the whole file:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +31,18 @@ import scipy.fft
 import torch
 from tqdm import tqdm
 
-from data import load_audio
-from model import UserError, Wav2Vec
+from data import FRAME_HOP, SAMPLE_RATE, load_audio
+from model import Wav2Vec, Wav2VecConfig, load_checkpoint_weights
+from ondevice import onnx_offline, onnx_session
+from utils import UserError
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 POOLINGS = ("none", "mean", "mean+std")
 LAYERS = ("c", "z")
 
-# MFCC framing: a 25 ms window every 10 ms, the model's own frame rate.
+# MFCC framing: a 25 ms window every 10 ms (FRAME_HOP), the model's own frame rate.
 MFCC_WINDOW = 400
-MFCC_HOP = 160
 MFCC_FILTERS = 40
 MFCC_COEFFICIENTS = 13
 PRE_EMPHASIS = 0.97
@@ -176,13 +176,39 @@ def mfcc(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise UserError(f"Audio of {len(wav)} samples is shorter than one 25 ms MFCC frame.")
     wav = np.asarray(wav, dtype=np.float64)
     emphasised = np.append(wav[:1], wav[1:] - PRE_EMPHASIS * wav[:-1])
-    frames = np.lib.stride_tricks.sliding_window_view(emphasised, MFCC_WINDOW)[::MFCC_HOP]  # (T, 400)
+    frames = np.lib.stride_tricks.sliding_window_view(emphasised, MFCC_WINDOW)[::FRAME_HOP]  # (T, 400)
     n_fft = 512
     power = np.abs(np.fft.rfft(frames * np.hamming(MFCC_WINDOW), n_fft)) ** 2 / n_fft  # (T, 257)
     energies = power @ mel_filterbank(MFCC_FILTERS, n_fft, sample_rate).T  # (T, 40)
     log_energies = np.log(np.maximum(energies, 1e-10))  # floor: digital silence would give -inf
     cepstra = scipy.fft.dct(log_energies, type=2, norm="ortho", axis=1)[:, :MFCC_COEFFICIENTS].T  # (13, T)
     return np.concatenate([cepstra, deltas(cepstra)]).astype(np.float32)
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (N, C), b (M, C) -> cosine similarities (N, M); an all-zero row gives zeros rather than NaN."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+# ----- log-mel spectrogram (for pictures) ---------------------------------------------------------
+
+SPECTROGRAM_WINDOW = 400  # 25 ms
+SPECTROGRAM_FFT = 1024  # zero-padded so that even the narrowest (lowest) mel filters cover several bins
+MEL_BANDS = 80
+DYNAMIC_RANGE_DB = 80.0
+
+
+def log_mel_spectrogram(wav: np.ndarray) -> np.ndarray:
+    """wav (L,) at 16 kHz -> power in dB (MEL_BANDS, T), frame t covering samples [160 t, 160 t + 400)."""
+    wav = np.pad(wav.astype(np.float64), (0, max(0, SPECTROGRAM_WINDOW - len(wav))))
+    frames = np.lib.stride_tricks.sliding_window_view(wav, SPECTROGRAM_WINDOW)[::FRAME_HOP]
+    power = np.abs(np.fft.rfft(frames * np.hanning(SPECTROGRAM_WINDOW), SPECTROGRAM_FFT)) ** 2
+    mel = power @ mel_filterbank(MEL_BANDS, SPECTROGRAM_FFT, SAMPLE_RATE).T  # (T, MEL_BANDS)
+    db = 10 * np.log10(np.maximum(mel, 1e-12))
+    db -= db.max()  # 0 dB = the loudest bin of the file
+    return np.maximum(db, -DYNAMIC_RANGE_DB).T  # a floor: digital silence would swamp the colour scale
 
 
 # ----- files and pooling -------------------------------------------------------------------------
@@ -218,33 +244,6 @@ def file_frames(files: Sequence[Path], frames_of: FramesOf, min_samples: int, ba
         raise UserError(f"None of the {len(files)} audio files is readable and at least one frame long.")
 
 
-# ----- per-frame labels --------------------------------------------------------------------------
-# A corpus may label every 10 ms: <name>.frames.npy beside <name>.wav holds one label id per frame, label t
-# covering samples [160 t, 160 t + 160) (data.make_demo_corpus writes them), and frame_labels.json in the
-# data folder may name the ids.
-
-FRAME_HOP = 160  # samples per 10 ms: the hop of wav2vec and MFCC frames and the span of one frame label
-
-
-def frame_label_path(audio: Path) -> Path:
-    """Where the per-frame labels of an audio file live: a.wav -> a.frames.npy."""
-    return audio.with_suffix(".frames.npy")
-
-
-def labels_at_centres(frame_labels: np.ndarray, num_frames: int, window: int) -> np.ndarray:
-    """(T,) label of feature frame t, which covers samples [160 t, 160 t + window): the one at its centre."""
-    centres = FRAME_HOP * np.arange(num_frames) + window // 2
-    return frame_labels[np.minimum(centres // FRAME_HOP, len(frame_labels) - 1)]
-
-
-def frame_label_names(data_dir: Path) -> list[str] | None:
-    """The name of each frame label id from data_dir/frame_labels.json ({"names": [...]}), if there is one."""
-    try:
-        return [str(name) for name in json.loads((data_dir / "frame_labels.json").read_text())["names"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def pool(frames: np.ndarray, how: str) -> np.ndarray:
     """frames (C, T) -> (C, T) for "none", (C,) for "mean", (2C,) for "mean+std" over time."""
     if how == "none":
@@ -254,3 +253,70 @@ def pool(frames: np.ndarray, how: str) -> np.ndarray:
     if how == "mean+std":
         return np.concatenate([frames.mean(axis=1), frames.std(axis=1)])
     raise UserError(f"--pool must be one of {POOLINGS}, not {how!r}.")
+
+# ----- the backbone grammar: what --checkpoint names -----------------------------------------------
+
+BACKBONE_HELP = ("a checkpoint of main.py or of fairseq's wav2vec 1.0; random:CKPT, the network of CKPT's "
+                 "configuration randomly initialised with --seed (the baseline to compare CKPT with); "
+                 "random, the same for the base configuration (512 channels); mfcc, 13 MFCCs and their "
+                 "deltas per 10 ms; or an offline graph written by export.py (.onnx)")
+
+
+def is_random(spec: str) -> bool:
+    """Whether a backbone spec names a randomly initialised network: `random` or `random:CKPT`."""
+    return spec == "random" or spec.startswith("random:")
+
+
+def backbone_config(spec: str) -> Wav2VecConfig | None:
+    """The network behind a backbone spec: None for MFCCs and exported graphs, the base preset for `random`,
+    the checkpoint's own configuration for `random:CKPT` and a checkpoint path."""
+    if spec == "mfcc" or spec.endswith(".onnx"):
+        return None
+    if spec == "random":
+        return Wav2VecConfig.preset("wav2vec")
+    return load_checkpoint_weights(spec.removeprefix("random:"))[0]
+
+
+def load_network(spec: str, seed: int = 0, device: torch.device | str = "cpu",
+                 needs: str = "a wav2vec network") -> Wav2Vec:
+    """The model in eval mode behind random[:CKPT] (initialised with `seed`) or a checkpoint path; `needs`
+    words the error for a spec that names no network (mfcc, .onnx)."""
+    config = backbone_config(spec)
+    if config is None:
+        raise UserError(f"This needs {needs}: give a checkpoint or random:CKPT, not {spec}.")
+    if not is_random(spec):
+        return Wav2Vec.from_pretrained(spec, map_location=device)
+    return random_network(config, seed, device)
+
+
+def random_network(config: Wav2VecConfig, seed: int = 0, device: torch.device | str = "cpu") -> Wav2Vec:
+    """A network of `config` in eval mode, initialised from `seed`: the baseline a checkpoint is compared with
+    (every script builds it here, so the same seed gives the same weights everywhere)."""
+    torch.manual_seed(seed)
+    return Wav2Vec(config).to(device).eval()
+
+
+def backbone_label(spec: str) -> str:
+    """A backbone spec for a title: mfcc, random, a checkpoint's file name, or "random NAME"."""
+    if spec in ("mfcc", "random"):
+        return spec
+    name = Path(spec.removeprefix("random:")).name
+    return f"random {name}" if is_random(spec) else name
+
+
+def featurizer(spec: str, layer: str = "c", seed: int = 0, device: torch.device | str = "cpu",
+               chunk_samples: int = 60 * SAMPLE_RATE) -> tuple[FramesOf, int]:
+    """(waveforms -> frames (C, T), samples one frame covers) for any backbone spec; `layer` (c or z) is
+    ignored by MFCCs."""
+    if spec == "mfcc":
+        return (lambda wavs: [mfcc(w) for w in wavs]), MFCC_WINDOW
+    if spec.endswith(".onnx"):  # an offline graph written by export.py (fp32 or int8), run by ONNX Runtime
+        session = onnx_session(Path(spec))
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get("form") != "offline":
+            raise UserError(f"{spec} is a {meta.get('form', 'foreign')} graph, not features: give the "
+                            "offline graph of a pre-trained checkpoint (export.py without --streaming).")
+        window = int(meta["receptive_field"])
+        return (lambda wavs: [onnx_offline(session, wav)[layer][0] for wav in wavs]), window
+    model = load_network(spec, seed, device)
+    return partial(model_features, model, layer=layer, chunk_samples=chunk_samples), model.receptive_field

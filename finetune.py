@@ -49,294 +49,79 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from matplotlib.figure import Figure
-from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data import SAMPLE_RATE, augment, change_speed, find_audio_files, load_audio
-from features import MFCC_WINDOW, mfcc
-from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights, read_checkpoint
-from probe import feature_config, is_random
-from utils import (
-    PRECISIONS,
-    add_threads_argument,
-    autocast_context,
-    build_optimizer,
-    check_classes,
+from data import FRAME_HOP, SAMPLE_RATE, augment, change_speed, find_audio_files, load_audio
+from features import BACKBONE_HELP, backbone_label, load_network
+from heads import Classifier, HeadConfig, pad_frames
+from labels import (
+    LABELS_HELP,
+    LabelledFiles,
     classification_metrics,
     cross_validation,
+    labelled_files,
+    regression_metrics,
+)
+from model import Wav2VecConfig
+from plots import plot_results
+from training import build_optimizer, lr_lambda, make_grad_scaler, optimizer_step, save_checkpoint
+from utils import (
+    HelpFormatter,
+    UserError,
+    add_device_argument,
+    add_precision_argument,
+    add_threads_argument,
+    autocast_context,
     ensure_writable_dir,
-    fsdd_test_mask,
-    lr_lambda,
-    make_grad_scaler,
+    non_negative_float,
     non_negative_int,
-    numeric_labels,
-    optimizer_step,
     positive_float,
     positive_int,
-    read_labels,
-    regression_metrics,
     resolve_device,
+    resolve_precision,
     run_cli,
-    save_checkpoint,
     set_threads,
     setup_logging,
 )
 
 log = logging.getLogger(__name__)
 
-FRAMES_PER_SECOND = 100  # wav2vec and MFCC frames are 10 ms apart
-MASK_SPAN = 5  # frames per masked span with --mask-frames (50 ms)
 STATS_FILES = 200  # training files, spread over the fold, whose frames set the head's standardisation
 
 
 # ----- the model: backbone, pooling, head ----------------------------------------------------------
 
-@dataclass(frozen=True)
-class HeadConfig:
-    """Everything besides the weights that rebuilds a fine-tuned model; saved in finetuned.pt."""
-
-    task: str = "classify"  # "classify" or "regress"
-    labels: tuple[str, ...] = ()  # class names in output order; empty for regression
-    backbone: str = "wav2vec"  # "wav2vec" (a checkpoint or random init; see backbone_config) or "mfcc"
-    layer: str = "c"  # "c", "z" or "all" (learned weighted sum of every context layer's output)
-    pool: str = "mean"  # "mean", "mean+std" or "attentive" (attentive statistics pooling)
-    head: str = "linear"  # "linear" or "mlp"
-    channels: int = 512  # channels of the frames the head reads
-    num_layers: int = 1  # layers mixed by the weighted sum (layer "all")
-    hidden: int = 256  # width of the MLP and of the attention
-    dropout: float = 0.1
-    target_mean: float = 0.0  # regression targets are standardised for training; predictions are not
-    target_std: float = 1.0
-
-    @property
-    def outputs(self) -> int:
-        return len(self.labels) if self.task == "classify" else 1
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["labels"] = list(self.labels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> HeadConfig:
-        return cls(**{**d, "labels": tuple(d["labels"])})
 
 
-def masked_mean_std(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, C, T), weights (B, T) summing to 1 over time -> mean and std (B, C) under those weights."""
-    mean = (x * weights[:, None]).sum(-1)
-    variance = (x.square() * weights[:, None]).sum(-1) - mean.square()
-    return mean, variance.clamp(min=1e-8).sqrt()
 
 
-class Pooling(nn.Module):
-    """Frames (B, C, T) with a mask (B, T) -> one vector per file; padded frames never count."""
-
-    def __init__(self, how: str, channels: int, hidden: int):
-        super().__init__()
-        self.how = how
-        if how == "attentive":  # Okabe et al. 2018: a score per frame, softmax over the valid frames
-            self.attention = nn.Sequential(nn.Conv1d(channels, hidden, 1), nn.Tanh(), nn.Conv1d(hidden, 1, 1))
-
-    @property
-    def factor(self) -> int:
-        return 1 if self.how == "mean" else 2
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.how == "attentive":
-            scores = self.attention(x)[:, 0].masked_fill(~mask, -math.inf)
-            weights = scores.softmax(-1)
-        else:
-            weights = mask / mask.sum(-1, keepdim=True)
-        mean, std = masked_mean_std(x, weights.to(x.dtype))
-        return mean if self.how == "mean" else torch.cat([mean, std], 1)
 
 
-class Classifier(nn.Module):
-    """A backbone (wav2vec or MFCCs) and a head: frames -> standardise -> pool -> linear or MLP."""
-
-    def __init__(self, config: HeadConfig, backbone_config: Wav2VecConfig | None):
-        super().__init__()
-        self.config = config
-        self.backbone = Wav2Vec(backbone_config) if backbone_config is not None else None
-        if config.layer == "all":
-            self.layer_weights = nn.Parameter(torch.zeros(config.num_layers))  # uniform at first
-        # Per-channel standardisation with training-set statistics (set once, then saved): MFCCs and wav2vec
-        # channels differ in scale by orders of magnitude, which a linear head trained by AdamW dislikes.
-        self.register_buffer("feature_mean", torch.zeros(config.channels))
-        self.register_buffer("feature_std", torch.ones(config.channels))
-        self.pool = Pooling(config.pool, config.channels, config.hidden)
-        width = self.pool.factor * config.channels
-        if config.head == "mlp":
-            self.out = nn.Sequential(nn.Linear(width, config.hidden), nn.ReLU(), nn.Dropout(config.dropout),
-                                     nn.Linear(config.hidden, config.outputs))
-        else:
-            self.out = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, config.outputs))
-
-    @property
-    def shortest_input(self) -> int:
-        """Samples at 16 kHz that make one frame."""
-        return MFCC_WINDOW if self.backbone is None else self.backbone.receptive_field
-
-    # The backbone in two stages, so that a frozen prefix can be computed once and cached:
-    # wav (L,) --latent--> z or MFCCs (C, T) --frames--> (C, T), or (layers, C, T) for the weighted sum.
-
-    def latent(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav (L,) at 16 kHz -> z (C, T) of the encoder, or the MFCCs and deltas (26, T)."""
-        if self.backbone is None:
-            return torch.from_numpy(mfcc(wav.detach().cpu().numpy())).to(self.feature_mean.device)
-        return self.backbone.encoder(wav[None])[0]
-
-    def frames(self, z: torch.Tensor) -> torch.Tensor:
-        """latent (C, T) -> the frames the head reads: (C, T), or (layers, C, T) with layer "all"."""
-        if self.backbone is None or self.config.layer == "z":
-            return z
-        outputs = self.backbone.context.layer_outputs(z[None])
-        return outputs[-1][0] if self.config.layer == "c" else torch.cat(outputs)
-
-    def mix(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, [layers,] C, T) -> (B, C, T): the softmax-weighted sum of layers, or the frames as they are."""
-        if self.config.layer != "all":
-            return frames
-        return torch.einsum("l,blct->bct", self.layer_weights.softmax(0), frames)
-
-    def head(self, frames: torch.Tensor, mask: torch.Tensor, mask_spans: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Padded frames (B, [layers,] C, T) and mask (B, T) -> logits (B, classes) or values (B, 1)."""
-        x = (self.mix(frames) - self.feature_mean[:, None]) / self.feature_std[:, None]
-        if mask_spans > 0 and self.training:
-            x = x * ~span_mask(mask, mask_spans, generator)[:, None]
-        return self.out(self.pool(x, mask))
-
-    def forward(self, wavs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Waveforms (L_i,) of any lengths -> logits (B, classes) or standardised values (B, 1)."""
-        return self.head(*pad_frames([self.frames(self.latent(w)) for w in wavs]))
-
-    @torch.no_grad()
-    def predict(self, wav: np.ndarray | torch.Tensor | str | Path) -> dict:
-        """One file or 16 kHz waveform -> {"label", "probabilities"} (classify) or {"value"} (regress)."""
-        if isinstance(wav, (str, Path)):
-            wav = load_audio(wav, SAMPLE_RATE)
-        wav = torch.as_tensor(np.asarray(wav, dtype=np.float32)).to(self.feature_mean.device)
-        self.eval()
-        return self.describe(self([wav]))[0]
-
-    def describe(self, outputs: torch.Tensor) -> list[dict]:
-        """Head outputs (B, classes or 1) -> one prediction dict per row."""
-        cfg = self.config
-        if cfg.task == "regress":
-            values = (outputs[:, 0].double() * cfg.target_std + cfg.target_mean).tolist()
-            return [{"value": v} for v in values]
-        probabilities = outputs.float().softmax(-1).tolist()
-        return [{"label": cfg.labels[int(np.argmax(p))],
-                 "probabilities": dict(zip(cfg.labels, p, strict=True))} for p in probabilities]
-
-    def payload(self, extra: dict) -> dict:
-        """What finetuned.pt holds: configs as plain dicts and tensors only, so weights_only loads it."""
-        return {"head_config": self.config.to_dict(),
-                "backbone_config": None if self.backbone is None else self.backbone.config.to_dict(),
-                "model": self.state_dict(), **extra}
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
-        """A fine-tuned model in eval mode from a finetuned.pt written by finetune.py."""
-        ckpt = read_checkpoint(path, map_location, remedy="use a finetuned.pt written by finetune.py.")
-        if "head_config" not in ckpt or "model" not in ckpt:
-            raise UserError(f"{path} is not a finetuned.pt of finetune.py (no head_config): "
-                            "pre-trained checkpoints load with Wav2Vec.from_pretrained instead.")
-        backbone = ckpt["backbone_config"]
-        model = cls(HeadConfig.from_dict(ckpt["head_config"]),
-                    None if backbone is None else Wav2VecConfig.from_dict(backbone))
-        model.load_state_dict(ckpt["model"])
-        return model.to(map_location).eval()
 
 
-def pad_frames(frames: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames (..., C, T_i) -> zero-padded (B, ..., C, T_max) and the mask (B, T_max) of real frames."""
-    lengths = torch.tensor([f.shape[-1] for f in frames], device=frames[0].device)
-    padded = torch.stack([F.pad(f, (0, int(lengths.max()) - f.shape[-1])) for f in frames])
-    mask = torch.arange(padded.shape[-1], device=padded.device) < lengths[:, None]
-    return padded, mask
 
 
-def span_mask(mask: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, T) True on spans of MASK_SPAN frames starting at a random `fraction / MASK_SPAN` of the frames."""
-    draws = torch.rand(mask.shape, generator=generator, device="cpu")
-    starts = (draws < fraction / MASK_SPAN).to(mask.device)
-    kernel = torch.ones(1, 1, MASK_SPAN, device=mask.device)
-    covered = F.conv1d(F.pad(starts[:, None].float(), (MASK_SPAN - 1, 0)), kernel)[:, 0] > 0
-    return covered & mask
 
 
 # ----- data ----------------------------------------------------------------------------------------
 
-@dataclass
-class Dataset:
-    """The labelled files of a run: relative names, paths, targets (class index or value), groups."""
-
-    data_dir: Path
-    names: list[str]
-    labels: list[str]  # as read from the label source
-    groups: list[str] | None
-    test_mask: np.ndarray | None  # fsdd-official: True for the test files
-    classes: tuple[str, ...] = ()
-    targets: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    @property
-    def paths(self) -> list[Path]:
-        return [self.data_dir / name for name in self.names]
+def load_dataset(args: argparse.Namespace) -> LabelledFiles:
+    """The labelled files of the run, with their targets, checked for the task before any audio is decoded."""
+    return labelled_files(args.data_dir, args.labels, args.label_column, args.group_column, args.split,
+                          args.task)
 
 
-def load_dataset(args: argparse.Namespace) -> Dataset:
-    """Files with a label (and group), checked for the task before any audio is decoded."""
-    files = find_audio_files(args.data_dir)
-    if not files:
-        raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
-    names = [f.relative_to(args.data_dir).as_posix() for f in files]
-    labels, groups = read_labels(names, args.labels, args.data_dir, args.group_column, args.label_column)
-    keep = [i for i, label in enumerate(labels)
-            if label is not None and (groups is None or groups[i] is not None)]
-    if not keep:
-        hint = ("put each class's files in a sub-folder named after it" if args.labels == "folder"
-                else "check the label source and --label-column / --group-column")
-        raise UserError(f"None of the {len(files)} audio files under {args.data_dir} has a label from "
-                        f"--labels {args.labels}: {hint}.")
-    if len(keep) < len(files):
-        log.info("skipping %d of %d files without a label%s", len(files) - len(keep), len(files),
-                 "" if groups is None else " or group")
-    kept = [names[i] for i in keep]
-    data = Dataset(args.data_dir, kept, [labels[i] for i in keep],
-                   None if groups is None else [groups[i] for i in keep],
-                   fsdd_test_mask(kept, args.data_dir) if args.split == "fsdd-official" else None)
-    if args.task == "regress":
-        data.targets = numeric_labels(data.labels, kept)
-    else:
-        check_classes(data.labels)
-        data.classes = tuple(sorted(set(data.labels), key=natural_key))
-        data.targets = np.array([data.classes.index(label) for label in data.labels])
-    return data
-
-
-def natural_key(text: str) -> tuple:
-    """Numbers sort as numbers ("2" before "10"), other labels alphabetically."""
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
-
-
-def validation_rows(data: Dataset, train: np.ndarray, fraction: float,
+def validation_rows(data: LabelledFiles, train: np.ndarray, fraction: float,
                     seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, validation rows): whole groups held out when there are groups, so that early
     stopping measures what the test measures (unseen speakers, say)."""
@@ -399,7 +184,7 @@ def batch_frames(model: Classifier, items: Sequence, stage: str, device: torch.d
     frames = []
     for item in items:
         if train:
-            per_second = SAMPLE_RATE if stage == "wav" else FRAMES_PER_SECOND
+            per_second = SAMPLE_RATE if stage == "wav" else SAMPLE_RATE // FRAME_HOP
             item = crop(item, int(args.crop_seconds * per_second), rng)
             if stage == "wav" and args.speed:
                 item = change_speed(item, rng, args.speed, model.shortest_input)
@@ -425,7 +210,7 @@ def set_feature_statistics(model: Classifier, inputs: Sequence, stage: str, devi
 
 # ----- training one fold -------------------------------------------------------------------------
 
-def build_model(args: argparse.Namespace, data: Dataset, backbone: tuple[Wav2VecConfig, dict] | None,
+def build_model(args: argparse.Namespace, data: LabelledFiles, backbone: tuple[Wav2VecConfig, dict] | None,
                 targets: np.ndarray) -> Classifier:
     """A fresh classifier for one fold: the backbone's starting weights and a new head."""
     if backbone is None:
@@ -511,7 +296,7 @@ class FoldResult:
     metrics: dict
 
 
-def train_fold(args: argparse.Namespace, name: str, data: Dataset, inputs: list, rows: np.ndarray,
+def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs: list, rows: np.ndarray,
                valid_rows: np.ndarray, test_rows: np.ndarray, backbone, device: torch.device,
                writer: SummaryWriter) -> FoldResult:
     """Train a fresh model on `rows`, early-stopped on `valid_rows`, then predict `test_rows`."""
@@ -528,9 +313,9 @@ def train_fold(args: argparse.Namespace, name: str, data: Dataset, inputs: list,
     updates_per_epoch = math.ceil(len(rows) / args.batch_size)
     total = min(args.max_updates or math.inf, args.epochs * updates_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda("cosine", args.warmup_updates, total, args.min_lr_ratio))
-    scaler = make_grad_scaler(device, args.precision)
-    autocast = autocast_context(device, args.precision)
+        optimizer, lr_lambda("cosine", args.warmup_updates, total, args.min_lr / args.lr))
+    precision = resolve_precision(args.precision, device)
+    scaler, autocast = make_grad_scaler(device, precision), autocast_context(device, precision)
     rng = np.random.default_rng(args.seed)  # every fold draws batches, crops and masks from the same seed,
     generator = torch.Generator().manual_seed(args.seed)  # as its model starts from the same weights
     eval_every = args.eval_every or updates_per_epoch
@@ -625,35 +410,9 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def plot_results(config: HeadConfig, true: Sequence, predicted: Sequence, path: Path, title: str) -> None:
-    """A confusion matrix (classify) or predicted against true values (regress)."""
-    fig = Figure(figsize=(6, 5.5))
-    ax = fig.subplots()
-    if config.task == "classify":
-        counts = confusion_matrix(true, predicted, labels=list(config.labels))
-        image = ax.imshow(counts, cmap="Blues")
-        fig.colorbar(image, ax=ax)
-        ticks = range(len(config.labels))
-        ax.set_xticks(ticks, config.labels, rotation=90 if len(config.labels) > 12 else 0)
-        ax.set_yticks(ticks, config.labels)
-        for (i, j), n in np.ndenumerate(counts):
-            if n:
-                ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
-                        color="white" if n > counts.max() / 2 else "black")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-    else:
-        ax.scatter(true, predicted, s=6, alpha=0.5)
-        low, high = min(np.min(true), np.min(predicted)), max(np.max(true), np.max(predicted))
-        ax.plot([low, high], [low, high], color="grey", linewidth=1)
-        ax.set_xlabel("true")
-        ax.set_ylabel("predicted")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
-def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, description: str,
+def write_outputs(args: argparse.Namespace, out: Path, data: LabelledFiles, description: str,
                   tested: list[tuple[str, np.ndarray, FoldResult]]) -> dict:
     """metrics.json, predictions.csv, the plot and finetuned.pt (the model of saved_fold)."""
     config = tested[-1][2].model.config
@@ -671,9 +430,10 @@ def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, descriptio
     write_csv(out / "predictions.csv", header, rows)
     title = f"{backbone_label(args.checkpoint)}, freeze {args.freeze}, {description}: {summary(metrics)}"
     if config.task == "classify":
-        plot_results(config, true, [p["label"] for p in predictions], out / "confusion_matrix.png", title)
+        plot_results(config.labels, true, [p["label"] for p in predictions], out / "confusion_matrix.png",
+                     title)
     else:
-        plot_results(config, targets, [p["value"] for p in predictions], out / "scatter.png", title)
+        plot_results((), targets, [p["value"] for p in predictions], out / "scatter.png", title)
     fold, test, result = saved_fold(tested)
     metrics["saved_model"] = {"fold": fold, "valid": result.metrics.get("valid"),
                               "chosen_by": "best validation score" if "valid" in result.metrics
@@ -686,12 +446,6 @@ def write_outputs(args: argparse.Namespace, out: Path, data: Dataset, descriptio
     return metrics
 
 
-def backbone_label(spec: str) -> str:
-    """--checkpoint for a plot title: mfcc, random, or the file name of the checkpoint (or "random NAME")."""
-    if spec in ("mfcc", "random"):
-        return spec
-    name = Path(spec.removeprefix("random:")).name
-    return f"random {name}" if is_random(spec) else name
 
 
 def saved_fold(tested: list[tuple[str, np.ndarray, FoldResult]]) -> tuple[str, np.ndarray, FoldResult]:
@@ -714,11 +468,8 @@ def backbone_weights(spec: str, seed: int) -> tuple[Wav2VecConfig, dict] | None:
     configuration for random:CKPT, else the base one), or None for MFCCs."""
     if spec == "mfcc":
         return None
-    if is_random(spec):
-        torch.manual_seed(seed)
-        model = Wav2Vec(feature_config(spec))
-        return model.config, model.state_dict()
-    return load_checkpoint_weights(spec)
+    network = load_network(spec, seed, needs="a network to fine-tune, or mfcc")
+    return network.config, network.state_dict()
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -774,15 +525,12 @@ def predict(args: argparse.Namespace) -> None:
 
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and labels")
     data.add_argument("--checkpoint", required=True,
-                      help="a checkpoint (ours or fairseq's), random:CKPT (CKPT's network, randomly "
-                           "initialised), random (the base network's) or mfcc")
+                      help=BACKBONE_HELP.replace("; or an offline graph written by export.py (.onnx)", ""))
     data.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
-    data.add_argument("--labels", required=True,
-                      help="TSV path, folder, pattern:REGEX, fsdd-digit or fsdd-speaker")
+    data.add_argument("--labels", required=True, help=LABELS_HELP)
     data.add_argument("--label-column", default="label", help="TSV column (or pattern group) of the label")
     data.add_argument("--task", choices=("classify", "regress"), default="classify")
     data.add_argument("--output-dir", type=Path, default=Path("runs/ft"))
@@ -807,7 +555,10 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     optim.add_argument("--freeze-updates", type=non_negative_int, default=100,
                        help="with --freeze encoder/none, updates before the backbone starts to train")
     optim.add_argument("--warmup-updates", type=non_negative_int, default=20)
-    optim.add_argument("--min-lr-ratio", type=float, default=0.01, help="the cosine's end / the peak")
+    optim.add_argument("--min-lr", type=non_negative_float, default=None,
+                       help="where the head's cosine ends (default: --lr / 100); the backbone's ends at the "
+                            "same fraction of --backbone-lr")
+    optim.add_argument("--min-lr-ratio", type=non_negative_float, help=argparse.SUPPRESS)  # deprecated
     optim.add_argument("--weight-decay", type=float, default=0.01)
     optim.add_argument("--clip-norm", type=float, default=5.0)
     optim.add_argument("--crop-seconds", type=float, default=4.0, help="training crops of longer files")
@@ -818,7 +569,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
                             "(0.1: 0.9-1.1x; pitch and tempo move together); turns the feature cache off")
     optim.add_argument("--mask-frames", type=float, default=0.0,
                        help="fraction of frames masked in spans of 50 ms during training")
-    optim.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    add_precision_argument(optim, default="fp32")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--group-column", help="TSV column or pattern group: folds disjoint in it")
     evaluation.add_argument("--split", choices=("cv", "fsdd-official"), default="cv")
@@ -832,9 +583,17 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     evaluation.add_argument("--patience", type=positive_int, default=10,
                             help="validations without improvement before stopping")
     evaluation.add_argument("--seed", type=int, default=0)
-    evaluation.add_argument("--device", default="auto")
+    add_device_argument(evaluation)
     add_threads_argument(evaluation)
     args = parser.parse_args(argv)
+    if args.min_lr_ratio is not None:
+        print("warning: --min-lr-ratio R is now --min-lr (R x --lr); the old name goes in the next release.",
+              file=sys.stderr)
+        args.min_lr = args.min_lr_ratio * args.lr
+    args.min_lr = args.lr / 100 if args.min_lr is None else args.min_lr
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would climb; give a "
+                        "--min-lr of at most --lr.")
     if args.split == "fsdd-official" and args.group_column:
         raise UserError("--split fsdd-official and --group-column are alternatives: choose one.")
     if args.checkpoint in ("mfcc",) and (args.freeze != "all" or args.layer != "c"):
@@ -848,12 +607,12 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_predict_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="finetune.py predict",
+    parser = argparse.ArgumentParser(prog="finetune.py predict", formatter_class=HelpFormatter,
                                      description="Predict every audio file under a folder.")
     parser.add_argument("--model", type=Path, required=True, help="a finetuned.pt written by finetune.py")
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--output", type=Path, default=Path("predictions.csv"))
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
+    parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="the CSV to write")
+    add_device_argument(parser)
     add_threads_argument(parser)
     return parser.parse_args(argv)
 

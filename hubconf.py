@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-from finetune import Classifier
+from heads import Classifier
 from model import Wav2Vec
 
-dependencies = ["torch", "numpy", "scipy", "soundfile", "sklearn", "matplotlib", "tensorboard", "tqdm"]
+dependencies = ["torch", "numpy", "scipy", "soundfile", "threadpoolctl"]
 
 
 def wav2vec(checkpoint: str, map_location: str = "cpu") -> Wav2Vec:

@@ -107,6 +107,10 @@ class Wav2VecConfig:
             jump *= s
         return field
 
+    def samples_for(self, frames: int) -> int:
+        """The shortest input in samples from which the encoder makes `frames` frames."""
+        return self.receptive_field + (frames - 1) * self.stride
+
     @property
     def resolved_offset(self) -> int:
         # "auto" (fairseq): the first target z(t + offset) shares no input samples with z(t), the last
@@ -360,6 +364,17 @@ class Wav2Vec(nn.Module):
                 return 0
             length = (length - k) // s + 1
         return length
+
+    def draw_distractors(self, batch_size: int, length: int, micro_batches: int,
+                         generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(negatives (B, N, T), cross negatives (B, N', T) or None) for each of `micro_batches` batches of
+        `batch_size` crops of `length` samples, from `generator` alone. In-utterance ones are drawn for all
+        micro-batches at once: k accumulated batches of B get the distractors one batch of kB would."""
+        cfg, frames, device = self.config, self.num_frames(length), generator.device
+        negatives = sample_distractors(micro_batches * batch_size, frames, cfg.num_negatives, device,
+                                       generator)
+        return [(n, sample_cross_distractors(batch_size, frames, cfg.cross_negatives, device, generator)
+                 if cfg.cross_negatives else None) for n in negatives.split(batch_size)]
 
     @property
     def collapsed_loss(self) -> float:

@@ -18,17 +18,18 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from data import find_audio_files, load_audio
-from model import StreamingStep, UserError, Wav2Vec
+from data import SAMPLE_RATE, find_audio_files, load_audio
+from model import StreamingStep, Wav2Vec
+from utils import UserError
 
-if TYPE_CHECKING:
-    from finetune import Classifier
+# A fine-tuned model (heads.Classifier) is exported through its own export_graph(): backbone and head as one
+# module with `output_names`; this module needs nothing else of it but `backbone`, `config` and parameters.
+FineTuned = nn.Module
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +57,9 @@ class OfflineExtractor(nn.Module):
         return z, self.model.context(z)
 
 
-class ClassifierGraph(nn.Module):
-    """wav (1, L) -> a finetune.py model's logits and probabilities, or its value: backbone and head as one
-    graph. One file per call, as Classifier.predict runs it (GroupNorm statistics span the file)."""
-
-    def __init__(self, classifier: Classifier):
-        super().__init__()
-        if classifier.backbone is None:
-            raise UserError("This finetuned.pt reads MFCCs, which are computed in NumPy outside any graph: "
-                            "only a model fine-tuned from a wav2vec checkpoint (or random) exports.")
-        self.classifier = classifier.eval()
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["logits", "probabilities"] if self.classifier.config.task == "classify" else ["value"]
-
-    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        model = self.classifier
-        z = model.latent(wav[0])
-        mask = torch.ones_like(z[:1], dtype=torch.bool)  # (1, T) from a tensor: T stays dynamic in the graph
-        outputs = model.head(model.frames(z)[None], mask)
-        if model.config.task == "classify":
-            return outputs, outputs.softmax(-1)
-        return (outputs[:, 0] * model.config.target_std + model.config.target_mean,)
 
 
-def extractor_parameters(model: Wav2Vec | Classifier) -> int:
+def extractor_parameters(model: Wav2Vec | FineTuned) -> int:
     """Parameters of what is exported: encoder and context network (the prediction head trains only), and a
     fine-tuned model's head."""
     if not isinstance(model, Wav2Vec):
@@ -90,16 +68,16 @@ def extractor_parameters(model: Wav2Vec | Classifier) -> int:
     return sum(p.numel() for part in (model.encoder, model.context) for p in part.parameters())
 
 
-def graph_form(model: Wav2Vec | Classifier, streaming: bool,
+def graph_form(model: Wav2Vec | FineTuned, streaming: bool,
                hops: int = 1) -> tuple[nn.Module, tuple, list[str], list[str]]:
     """(module, example inputs, input names, output names) of the offline, classifier or streaming graph (of
     `hops` hops per call)."""
     model = model.eval()
-    if not isinstance(model, Wav2Vec):  # a finetune.Classifier
-        graph = ClassifierGraph(model)
-        return graph, (torch.zeros(1, 16000),), ["wav"], graph.output_names
+    if not isinstance(model, Wav2Vec):  # a fine-tuned model
+        graph = model.export_graph()
+        return graph, (torch.zeros(1, SAMPLE_RATE),), ["wav"], graph.output_names
     if not streaming:
-        return OfflineExtractor(model), (torch.zeros(1, 16000),), ["wav"], ["z", "c"]
+        return OfflineExtractor(model), (torch.zeros(1, SAMPLE_RATE),), ["wav"], ["z", "c"]
     step = StreamingStep(model, hops).eval()
     state = step.initial_state()
     names = range(len(state))
@@ -107,7 +85,7 @@ def graph_form(model: Wav2Vec | Classifier, streaming: bool,
             ["hop", *(f"state_in_{i}" for i in names)], ["z", "c", *(f"state_out_{i}" for i in names)])
 
 
-def graph_metadata(model: Wav2Vec | Classifier, streaming: bool, hops: int = 1) -> dict[str, str]:
+def graph_metadata(model: Wav2Vec | FineTuned, streaming: bool, hops: int = 1) -> dict[str, str]:
     """What a runtime needs beside the graph: the form, stride, warm-up hops, the model config (and a
     classifier's head config, with its label names)."""
     if not isinstance(model, Wav2Vec):
@@ -120,12 +98,12 @@ def graph_metadata(model: Wav2Vec | Classifier, streaming: bool, hops: int = 1) 
     return meta
 
 
-def export_onnx(model: Wav2Vec | Classifier, path: Path, streaming: bool = False, dynamo: bool = False,
+def export_onnx(model: Wav2Vec | FineTuned, path: Path, streaming: bool = False, dynamo: bool = False,
                 hops: int = 1) -> None:
     """Write the offline (dynamic batch and length), classifier (dynamic length) or streaming (`hops` hops per
     call) graph of `model` as ONNX to `path`."""
     module, example, inputs, outputs = graph_form(model, streaming, hops)
-    classifier = isinstance(module, ClassifierGraph)
+    classifier = not isinstance(model, Wav2Vec)
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated but exports this model in seconds where the dynamo one
         # takes minutes; its tracer warns about Python ints from shapes, which are fixed by design here.
@@ -193,7 +171,7 @@ def compact_names(graph) -> None:
     del graph.value_info[:]
 
 
-def export_torchscript(model: Wav2Vec | Classifier, path: Path, streaming: bool = False,
+def export_torchscript(model: Wav2Vec | FineTuned, path: Path, streaming: bool = False,
                        hops: int = 1) -> None:
     """Write the offline, classifier or streaming graph as a traced TorchScript module (torch.jit.load reads
     it)."""
@@ -270,7 +248,7 @@ def calibration_audio(folder: Path, max_files: int = 32, seconds: float = 3.0) -
                         "audio the model will see.")
     spread = np.linspace(0, len(files) - 1, min(max_files, len(files))).round().astype(int)
     chosen = [files[i] for i in spread]
-    return [load_audio(path, num_samples=None)[:int(seconds * 16000)] for path in dict.fromkeys(chosen)]
+    return [load_audio(path, num_samples=None)[:int(seconds * SAMPLE_RATE)] for path in dict.fromkeys(chosen)]
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray],

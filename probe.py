@@ -1,17 +1,16 @@
 """Linear probe: how well do frozen features separate labelled audio, against MFCCs and a random network?
 
-    python probe.py --data-dir DIR --labels LABELS --features mfcc|random|CKPT --json OUT.json
-                    [--group-column COLUMN] [--layer c|z] [--pool mean|mean+std] [--split cv|fsdd-official]
-    python probe.py --data-dir DIR --frame-level --features ... --json OUT.json
-    python probe.py --suite fsdd --data-dir FSDD --features CKPT [CKPT ...] | RUN_DIR --json OUT.json
-                    (the standard table in one command: see `python probe.py --suite fsdd --help`)
+    python probe.py --data-dir DIR --labels LABELS --checkpoint CKPT [--group-column COLUMN] [--layer z]
+    python probe.py --data-dir DIR --frame-level --checkpoint CKPT
+    python suite.py fsdd --data-dir FSDD --checkpoint CKPT      (the standard table in one command)
 
 Features are pooled over each file (or, with --frame-level, kept per 10 ms frame), standardised, and
-fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
-- --features: `mfcc` (13 MFCCs + deltas, 25 ms window every 10 ms), `random:CKPT` (a network of the
-  checkpoint's own configuration, randomly initialised with --seed: the baseline to compare CKPT with),
-  `random` (the same for the base wav2vec configuration, 512 channels), the path of a checkpoint (ours
-  or fairseq's), or an offline ONNX graph written by export.py (`.onnx`, fp32 or int8, run by ONNX
+fed to a logistic regression (or, with --task regress, a ridge regression); the score is out-of-fold
+accuracy and macro-F1 (or MAE, RMSE, R^2 and correlations), printed as a table; --json writes every number.
+- --checkpoint: the backbone grammar of every script: a checkpoint (ours or fairseq's), `random:CKPT` (a
+  network of the checkpoint's own configuration, randomly initialised with --seed: the baseline to compare
+  CKPT with), `random` (the same for the base configuration, 512 channels), `mfcc` (13 MFCCs + deltas, 25 ms
+  window every 10 ms), or an offline ONNX graph written by export.py (`.onnx`, fp32 or int8, run by ONNX
   Runtime). The JSON records the configuration of the network used.
 - --labels: a TSV whose header has `path` (relative to --data-dir) and `label` (or the column named by
   --label-column); `folder` (each file's sub-folder); `pattern:REGEX` (a regular expression matching the
@@ -21,7 +20,7 @@ fed to a logistic regression; the score is out-of-fold accuracy and macro-F1.
   pattern, e.g. `speaker` with the fsdd shortcuts) leaves one group out per fold; --split fsdd-official
   trains on FSDD repetitions 5-49 and tests on 0-4.
 - --frame-level: one label per 10 ms frame from `<name>.frames.npy` beside each `<name>.wav` (label t
-  covers samples [160 t, 160 t + 160), as data.make_demo_corpus writes them); a feature frame takes the
+  covers samples [160 t, 160 t + 160), as demo.make_demo_corpus writes them); a feature frame takes the
   label at its centre (wav2vec frame t covers samples [160 t, 160 t + 465), an MFCC frame
   [160 t, 160 t + 400)); folds group frames by file so that no file is on both sides.
 """
@@ -33,14 +32,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import accuracy_score, f1_score
@@ -49,29 +47,34 @@ from sklearn.preprocessing import StandardScaler
 
 from data import find_audio_files
 from features import (
+    BACKBONE_HELP,
     LAYERS,
-    MFCC_WINDOW,
     FramesOf,
+    backbone_config,
+    featurizer,
     file_frames,
-    frame_label_path,
-    labels_at_centres,
-    mfcc,
-    model_features,
+    is_random,
     pool,
 )
-from model import UserError, Wav2Vec, Wav2VecConfig, load_checkpoint_weights
-from ondevice import onnx_offline, onnx_session
-from utils import (
+from labels import (
+    LABELS_HELP,
+    LabelledFiles,
     Split,
-    add_threads_argument,
     check_classes,
     cross_validation,
+    frame_label_path,
+    labelled_files,
+    labels_at_centres,
+    regression_metrics,
+)
+from utils import (
+    HelpFormatter,
+    UserError,
+    add_device_argument,
+    add_renamed,
+    add_threads_argument,
     ensure_writable_dir,
     ensure_writable_file,
-    fsdd_test_mask,
-    numeric_labels,
-    read_labels,
-    regression_metrics,
     resolve_device,
     run_cli,
     set_threads,
@@ -94,12 +97,11 @@ class Examples:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and labels")
     data.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
-    data.add_argument("--labels", help="TSV path, folder, pattern:REGEX, fsdd-digit or fsdd-speaker "
-                                       "(not with --frame-level: those labels sit beside the audio)")
+    data.add_argument("--labels", help=f"{LABELS_HELP} (not with --frame-level: those labels sit beside "
+                                       "the audio)")
     data.add_argument("--label-column", default="label", help="TSV column (or pattern group) of the label")
     data.add_argument("--group-column", help="TSV column or pattern group for leave-one-group-out folds")
     data.add_argument("--frame-level", action="store_true", help="probe every 10 ms frame instead of files")
@@ -108,15 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--task", choices=("classify", "regress"), default="classify",
                       help="regress: numeric labels, ridge (or --regressor hgb) on pooled features")
     feats = parser.add_argument_group("features")
-    feats.add_argument("--features", required=True,
-                       help="mfcc, random:CKPT (a random network of CKPT's config), random (of the base "
-                            "config), the path of a checkpoint, or an offline graph written by export.py "
-                            "(.onnx)")
-    feats.add_argument("--layer", choices=LAYERS, default="c", help="wav2vec layer: c (default) or z")
-    feats.add_argument("--pool", choices=("mean", "mean+std"), default="mean",
+    feats.add_argument("--checkpoint", help=f"the features: {BACKBONE_HELP}")
+    add_renamed(feats, "--features", "--checkpoint")
+    feats.add_argument("--layer", choices=LAYERS, default="c", help="wav2vec layer: c or z")
+    feats.add_argument("--pool", choices=("mean", "mean+std"), default="mean+std",
                        help="pooling over time of each file's frames (ignored with --frame-level)")
     feats.add_argument("--cache-dir", type=Path,
-                       help="keep pooled features here and reuse them when the files, --features, "
+                       help="keep pooled features here and reuse them when the files, --checkpoint, "
                             "--layer, --pool and --seed are the same (e.g. to probe other labels)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--split", choices=("cv", "fsdd-official"), default="cv",
@@ -128,10 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             help="with --task regress: ridge regression or scikit-learn's "
                                  "HistGradientBoostingRegressor")
     evaluation.add_argument("--seed", type=int, default=0, help="seed of the random network, folds, frames")
-    evaluation.add_argument("--json", type=Path, required=True, help="where to write the results")
-    evaluation.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    evaluation.add_argument("--json", type=Path, help="also write every number (per fold, settings) here")
+    add_device_argument(evaluation)
     add_threads_argument(evaluation)
     args = parser.parse_args(argv)
+    if args.checkpoint is None:
+        parser.error("the following arguments are required: --checkpoint")
     if args.frame_level and (args.labels or args.group_column):
         raise UserError("--frame-level reads labels from the files beside the audio: "
                         "drop --labels and --group-column (folds already group frames by file).")
@@ -148,44 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----- features -----------------------------------------------------------------------------------
 
-def is_random(spec: str) -> bool:
-    """Whether --features names a randomly initialised network: `random` or `random:CKPT`."""
-    return spec == "random" or spec.startswith("random:")
 
 
-def feature_config(spec: str) -> Wav2VecConfig | None:
-    """The network behind --features: None for MFCCs and exported graphs, the base preset for `random`, the
-    checkpoint's own configuration for `random:CKPT` and a checkpoint path."""
-    if spec == "mfcc" or spec.endswith(".onnx"):
-        return None
-    if spec == "random":
-        return Wav2VecConfig.preset("wav2vec")
-    return load_checkpoint_weights(spec.removeprefix("random:"))[0]
 
 
-def featurizer(spec: str, layer: str, seed: int, device: torch.device) -> tuple[FramesOf, int]:
-    """(waveforms -> frames (C, T), samples one frame covers) for mfcc, random[:CKPT], a checkpoint path or an
-    exported .onnx graph."""
-    if spec == "mfcc":
-        return (lambda wavs: [mfcc(w) for w in wavs]), MFCC_WINDOW
-    if spec.endswith(".onnx"):  # an offline graph written by export.py (fp32 or int8), run by ONNX Runtime
-        session = onnx_session(Path(spec))
-        meta = session.get_modelmeta().custom_metadata_map
-        if meta.get("form") != "offline":
-            raise UserError(f"{spec} is a {meta.get('form', 'foreign')} graph, not features: give the "
-                            "offline graph of a pre-trained checkpoint (export.py without --streaming).")
-        window = int(meta["receptive_field"])
-        return (lambda wavs: [onnx_offline(session, wav)[layer][0] for wav in wavs]), window
-    model = network(spec, seed, device)
-    return partial(model_features, model, layer=layer), model.receptive_field
 
 
-def network(spec: str, seed: int, device: torch.device) -> Wav2Vec:
-    """The model in eval mode behind random[:CKPT] (initialised with `seed`) or a checkpoint path."""
-    if is_random(spec):
-        torch.manual_seed(seed)
-        return Wav2Vec(feature_config(spec)).to(device).eval()
-    return Wav2Vec.from_pretrained(spec, map_location=device)
 
 
 def stamp(path: Path) -> str:
@@ -200,13 +170,14 @@ def feature_source(spec: str) -> str:
     if spec == "mfcc":
         return spec
     if is_random(spec):
-        return "random:" + json.dumps(feature_config(spec).to_dict(), sort_keys=True)
+        return "random:" + json.dumps(backbone_config(spec).to_dict(), sort_keys=True)
     return stamp(Path(spec))
 
 
 def feature_key(args: argparse.Namespace, paths: list[Path]) -> str:
     """Names the pooled features of these files under these settings; changed inputs give a new name."""
-    description = [feature_source(args.features), args.layer, args.pool, args.seed, [stamp(p) for p in paths]]
+    description = [feature_source(args.checkpoint), args.layer, args.pool, args.seed,
+                   [stamp(p) for p in paths]]
     return hashlib.sha1(json.dumps(description).encode()).hexdigest()[:16]
 
 
@@ -216,7 +187,7 @@ def pooled_features(args: argparse.Namespace, paths: list[Path]) -> tuple[np.nda
     cached = args.cache_dir / f"{feature_key(args, paths)}.npz" if args.cache_dir else None
     if cached is not None and cached.is_file():
         return read_pooled(cached)
-    frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
+    frames_of, window = featurizer(args.checkpoint, args.layer, args.seed, resolve_device(args.device))
     position = {path: i for i, path in enumerate(paths)}
     rows = [(position[path], pool(frames, args.pool))
             for path, frames in file_frames(paths, frames_of, window)]
@@ -314,61 +285,39 @@ def print_table(splits: list[Split], result: dict) -> None:
     scores = (f"macro-F1 {result['macro_f1']:.3f}" if column == "accuracy"
               else f"RMSE {result['rmse']:.3f}, R^2 {result['r2']:.3f}, Pearson r {result['pearson_r']:.3f}, "
                    f"Spearman rho {result['spearman_rho']:.3f}")
+    classes = f", {result['n_classes']} classes" if "n_classes" in result else ""
     print(f"{'all':<16}{result['n_tested']:>8}{result[column]:>10.3f}   {scores}; {result['n_examples']} "
-          f"examples, {result['n_classes']} classes, {result['evaluation']}")
+          f"examples{classes}, {result['evaluation']}")
 
 
 # ----- command line -------------------------------------------------------------------------------
 
-@dataclass
-class Selection:
-    """The labelled files of a run, their labels and groups, and the fixed test split if any."""
-
-    paths: list[Path]
-    labels: list[str] | None  # None with --frame-level: the frames carry the labels
-    groups: list[str] | None
-    test_mask: np.ndarray | None  # (files,) True for the files of a fixed test split
-    skipped: int  # files without a label (or group), or without frame labels
 
 
-def select_files(args: argparse.Namespace) -> Selection:
-    """The files with labels (and groups) and the fixed split, checked before any feature is computed."""
+def select_files(args: argparse.Namespace) -> LabelledFiles:
+    """The files with labels (and groups) and the fixed split, checked before any feature is computed; with
+    --frame-level, the files with per-frame labels beside them."""
+    if not args.frame_level:
+        return labelled_files(args.data_dir, args.labels, args.label_column, args.group_column, args.split,
+                              args.task)
     files = find_audio_files(args.data_dir)
-    if not files:
-        raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
-    names = [f.relative_to(args.data_dir).as_posix() for f in files]
-    if args.frame_level:
-        keep = [i for i, f in enumerate(files) if frame_label_path(f).is_file()]
-        if not keep:
-            raise UserError(f"No per-frame labels (<name>.frames.npy beside <name>.wav) "
-                            f"under {args.data_dir}.")
-        labels = groups = None
-    else:
-        labels, groups = read_labels(names, args.labels, args.data_dir, args.group_column, args.label_column)
-        keep = [i for i, label in enumerate(labels)
-                if label is not None and (groups is None or groups[i] is not None)]
-        labels = [labels[i] for i in keep]
-        groups = None if groups is None else [groups[i] for i in keep]
-        if args.task == "regress":
-            numeric_labels(labels, [names[i] for i in keep])
-        else:
-            check_classes(labels)
-    kept_names = [names[i] for i in keep]
-    test_mask = fsdd_test_mask(kept_names, args.data_dir) if args.split == "fsdd-official" else None
-    return Selection([files[i] for i in keep], labels, groups, test_mask, len(files) - len(keep))
+    kept = [f.relative_to(args.data_dir).as_posix() for f in files if frame_label_path(f).is_file()]
+    if not kept:
+        raise UserError(f"No per-frame labels (<name>.frames.npy beside <name>.wav) under {args.data_dir}.")
+    return LabelledFiles(args.data_dir, kept, [], None, None, len(files) - len(kept))
 
 
-def load_examples(args: argparse.Namespace, selection: Selection) -> Examples:
+def load_examples(args: argparse.Namespace, selection: LabelledFiles) -> Examples:
     """Features, labels, groups and the fixed test split, if any, for every example of the run."""
     if args.frame_level:
-        frames_of, window = featurizer(args.features, args.layer, args.seed, resolve_device(args.device))
+        frames_of, window = featurizer(args.checkpoint, args.layer, args.seed, resolve_device(args.device))
         examples = frame_examples(selection.paths, frames_of, window, args.max_frames, args.seed)
     else:
         examples = file_examples(selection, *pooled_features(args, selection.paths), args.task == "regress")
     return with_split(examples, selection, args.task == "regress")
 
 
-def file_examples(selection: Selection, X: np.ndarray, file_index: np.ndarray,
+def file_examples(selection: LabelledFiles, X: np.ndarray, file_index: np.ndarray,
                   regress: bool = False) -> Examples:
     """The pooled features X (N, D) of the files selection.paths[file_index] with their labels and groups."""
     y = np.array(selection.labels)[file_index]
@@ -378,7 +327,7 @@ def file_examples(selection: Selection, X: np.ndarray, file_index: np.ndarray,
     return examples
 
 
-def with_split(examples: Examples, selection: Selection, regress: bool = False) -> Examples:
+def with_split(examples: Examples, selection: LabelledFiles, regress: bool = False) -> Examples:
     """The examples with the selection's fixed test split, if any, checked for two classes at least."""
     if selection.test_mask is not None:
         examples.test_mask = selection.test_mask[examples.file_index]
@@ -390,20 +339,19 @@ def with_split(examples: Examples, selection: Selection, regress: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg == "--suite" or arg.startswith("--suite=") for arg in argv):
-        import suite  # imported here: the suite has flags of its own, and builds on this module
-        suite.main(argv)
-        return
+        run_suite(argv)
     args = parse_args(argv)
-    ensure_writable_file(args.json, "--json")  # before the work: a result must not be lost at the end
+    if args.json:
+        ensure_writable_file(args.json, "--json")  # before the work: a result must not be lost at the end
     if args.cache_dir:
         ensure_writable_dir(args.cache_dir, "--cache-dir")
     set_threads(args.threads)
-    config = feature_config(args.features)
+    config = backbone_config(args.checkpoint)
     selection = select_files(args)  # before logging starts: a user error is then the first line on stderr
     setup_logging()
-    if args.features == "random":
-        log.info("--features random is the base configuration (%d channels); to compare with a checkpoint, "
-                 "give --features random:CKPT, a random network of the checkpoint's configuration",
+    if args.checkpoint == "random":
+        log.info("--checkpoint random is the base configuration (%d channels); to compare with a checkpoint, "
+                 "give --checkpoint random:CKPT, a random network of the checkpoint's configuration",
                  config.context_layers[-1][0])
     if selection.skipped:
         log.info("skipping %d files without a label%s", selection.skipped,
@@ -417,17 +365,26 @@ def main(argv: list[str] | None = None) -> None:
         result = fit_and_score_regression(examples.X, examples.y, splits, args.regressor)
     else:
         result = fit_and_score(examples.X, examples.y, splits, args.max_iter)
-    classes = len(set(examples.y)) if args.task == "classify" else 0
-    result.update(n_examples=len(examples.y), n_classes=classes,
-                  n_files=len(np.unique(examples.file_index)),
+        result["n_classes"] = len(set(examples.y))
+    result.update(n_examples=len(examples.y), n_files=len(np.unique(examples.file_index)),
                   skipped_files=selection.skipped, evaluation=description,
                   fold_names=[name for name, _, _ in splits], feature_seconds=round(feature_seconds, 2),
                   total_seconds=round(time.perf_counter() - start, 2),
                   features_config=None if config is None else config.to_dict(),
                   settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     print_table(splits, result)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    log.info("wrote %s", args.json)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s", args.json)
+
+
+def run_suite(argv: list[str]) -> None:
+    """probe.py --suite NAME ...: the suite moved to its own script; run it there (for one more release)."""
+    script = Path(__file__).with_name("suite.py")
+    print(f"warning: probe.py --suite is now python {script.name} NAME ...; the old form goes in the next "
+          "release.", file=sys.stderr)
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, str(script), *argv])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """The standard probe table in one command: `z` and `c` of each checkpoint beside MFCC and random-init rows.
 
-    python probe.py --suite fsdd --data-dir FSDD --features CKPT [CKPT ...] --json OUT.json
-                    [--output-dir DIR] [--frames-dir DEMO] [--cache-dir DIR]
-    python probe.py --suite fsdd --data-dir FSDD --features RUN_DIR --json OUT.json --output-dir DIR
+    python suite.py fsdd --data-dir FSDD --checkpoint CKPT [CKPT ...] [--output-dir runs/suite]
+    python suite.py fsdd --data-dir FSDD --checkpoint RUN_DIR --output-dir runs/suite
 
-Four tasks, each exactly the single probe.py command of the README's evaluation (logistic regression on
-standardised mean+std pooled features, same folds and seeds), so the numbers are the same:
+Four tasks, each exactly the single probe.py command of the evaluation in docs/RESULTS.md (logistic
+regression on standardised mean+std pooled features, same folds and seeds), so the numbers are the same:
 - digits, leave-one-speaker-out: --labels fsdd-digit --group-column speaker
 - digits, official split:        --labels fsdd-digit --split fsdd-official
 - speaker ID:                    --labels fsdd-speaker (stratified 5-fold)
@@ -15,15 +14,16 @@ Rows: MFCC, a random network of each checkpoint configuration (`random:CKPT`, se
 configuration share it), then `z` and `c` of each checkpoint. One forward pass gives both layers, and the
 pooled FSDD features serve all three FSDD tasks.
 
---features RUN_DIR (a main.py output folder) takes its checkpoint_<step>.pt and latest.pt. Checkpoints are
+--checkpoint RUN_DIR (a main.py output folder) takes its checkpoint_<step>.pt and latest.pt. Checkpoints are
 ordered by the training time stored in them (`train_seconds`); each gets the leave-one-speaker-out score,
 the longest-trained (and any without `train_seconds`, such as fairseq's, listed last) the whole table. With
-two or more timed checkpoints, --output-dir gets learning_curve.png: accuracy against training minutes for
-`z` and `c`, MFCC and random init as horizontal lines.
+two or more timed checkpoints, the output folder gets learning_curve.png: accuracy against training minutes
+for `z` and `c`, MFCC and random init as horizontal lines.
 
 Every score is cached in --cache-dir under a key of its inputs (the files' sizes and times, the checkpoint
 file or, for random networks, the configuration, and the probe settings): a second run recomputes only
-what changed. A Markdown table goes to stdout, every number (per fold, seconds) to --json.
+what changed. The Markdown table goes to stdout and to table.md, every number (per fold, seconds) to
+results.json in --output-dir (and to --json if given).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,14 +42,22 @@ import numpy as np
 import torch
 
 import probe
-from data import find_audio_files, make_demo_corpus
-from features import FramesOf, file_frames, frame_label_path, model_layers, pool
-from model import UserError, Wav2VecConfig, checkpoint_weights, read_checkpoint
+from data import find_audio_files
+from demo import make_demo_corpus
+from features import FramesOf, featurizer, file_frames, load_network, model_layers, pool
+from labels import LabelledFiles, frame_label_path, read_labels
+from model import Wav2VecConfig, checkpoint_weights, read_checkpoint
+from plots import draw_learning_curve
 from utils import (
+    HelpFormatter,
+    UserError,
+    add_device_argument,
+    add_renamed,
     add_threads_argument,
     ensure_writable_dir,
     ensure_writable_file,
     resolve_device,
+    run_cli,
     set_threads,
     setup_logging,
 )
@@ -66,16 +75,20 @@ CURVE_TASK = "digits_loso"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="probe.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("fsdd",), required=True, help="the table to compute")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--suite" in argv:  # probe.py --suite NAME ... (the old form) hands its own command line over
+        at = argv.index("--suite")
+        argv = argv[at + 1:at + 2] + argv[:at] + argv[at + 2:]
+    parser = argparse.ArgumentParser(prog="suite.py", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("suite", choices=("fsdd",), help="the table to compute")
     parser.add_argument("--data-dir", type=Path, required=True,
                         help="FSDD recordings, named {digit}_{speaker}_{index}.wav")
-    parser.add_argument("--features", nargs="+", required=True,
+    parser.add_argument("--checkpoint", nargs="+",
                         help="checkpoints (ours or fairseq's), or main.py output folders")
-    parser.add_argument("--json", type=Path, required=True, help="where to write every number")
-    parser.add_argument("--output-dir", type=Path,
-                        help="where learning_curve.png goes (default: the folder of --json)")
+    add_renamed(parser, "--features", "--checkpoint", nargs="+")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/suite"),
+                        help="where results.json, table.md and learning_curve.png go")
+    parser.add_argument("--json", type=Path, help="also write every number to this file")
     parser.add_argument("--frames-dir", type=Path,
                         help="a corpus with <name>.frames.npy beside <name>.wav (default: a demo corpus "
                              "synthesised into --cache-dir/demo when absent)")
@@ -85,9 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-frames", type=int, default=50000, help="frames kept for the frame-label task")
     parser.add_argument("--max-iter", type=int, default=5000, help="iteration limit of the regression")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random networks, folds, frames")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    add_device_argument(parser)
     add_threads_argument(parser)
     args = parser.parse_args(argv)
+    if args.checkpoint is None:
+        parser.error("the following arguments are required: --checkpoint")
     if args.folds < 2 or args.max_frames < 1:
         raise UserError("--folds must be at least 2 and --max-frames positive.")
     if not args.data_dir.is_dir():
@@ -95,7 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.frames_dir is not None and not args.frames_dir.is_dir():
         raise UserError(f"No folder {args.frames_dir}: give --frames-dir a corpus with frame labels "
                         "(`python main.py --demo` writes one to data/demo), or leave it out.")
-    args.output_dir = args.output_dir or args.json.parent
     return args
 
 
@@ -175,24 +189,24 @@ def random_sources(checkpoints: Sequence[Source]) -> list[Source]:
 def probe_args(args: argparse.Namespace, task: str, spec: str, layer: str) -> argparse.Namespace:
     """The single probe.py command this task is, parsed by probe.py itself."""
     data_dir = args.frames_dir if task == "frames" else args.data_dir
-    return probe.parse_args(["--data-dir", str(data_dir), *TASKS[task][1], "--features", spec,
+    return probe.parse_args(["--data-dir", str(data_dir), *TASKS[task][1], "--checkpoint", spec,
                              "--layer", layer, "--pool", POOL, "--folds", str(args.folds),
                              "--max-frames", str(args.max_frames), "--max-iter", str(args.max_iter),
                              "--seed", str(args.seed), "--cache-dir", str(args.cache_dir),
-                             "--device", args.device, "--json", str(args.json)])
+                             "--device", args.device])
 
 
-def select(args: argparse.Namespace) -> dict[str, probe.Selection]:
+def select(args: argparse.Namespace) -> dict[str, LabelledFiles]:
     """Each task's files, labels and split, as the single probe selects them."""
     names = [path.name for path in find_audio_files(args.data_dir)]
-    if not any(probe.read_labels(names, "fsdd-digit", args.data_dir)[0]):
+    if not any(read_labels(names, "fsdd-digit", args.data_dir)[0]):
         raise UserError(f"No FSDD-named files ({{digit}}_{{speaker}}_{{index}}.wav) under {args.data_dir}; "
                         "check --data-dir.")
     return {task: probe.select_files(probe_args(args, task, "mfcc", "c")) for task in TASKS}
 
 
 def score_key(args: argparse.Namespace, source: Source, layer: str, task: str,
-              selection: probe.Selection) -> str:
+              selection: LabelledFiles) -> str:
     """Names a score by everything it depends on; changed inputs give a new name."""
     files = selection.paths + ([frame_label_path(p) for p in selection.paths] if task == "frames" else [])
     description = [probe.feature_source(source.spec), layer, POOL, TASKS[task][1], args.folds, args.max_iter,
@@ -204,9 +218,9 @@ def stacked_featurizer(spec: str, seed: int, device: torch.device) -> tuple[Fram
     """(waveforms -> frames of every layer stacked on the channel axis, samples one frame covers, each
     layer's channels): one forward pass serves z and c."""
     if spec == "mfcc":
-        frames_of, window = probe.featurizer(spec, "c", seed, device)
+        frames_of, window = featurizer(spec, "c", seed, device)
         return frames_of, window, {"c": slice(None)}
-    model = probe.network(spec, seed, device)
+    model = load_network(spec, seed, device)
     z = model.config.encoder_layers[-1][0]
 
     def frames_of(wavs: list[np.ndarray]) -> list[np.ndarray]:
@@ -235,7 +249,7 @@ def pooled_layers(args: argparse.Namespace, source: Source, paths: list[Path],
     return out
 
 
-def frame_layers(args: argparse.Namespace, source: Source, selection: probe.Selection,
+def frame_layers(args: argparse.Namespace, source: Source, selection: LabelledFiles,
                  device: torch.device) -> dict[str, probe.Examples]:
     """layer -> the frame-label task's examples, from one pass over the corpus."""
     frames_of, window, channels = stacked_featurizer(source.spec, args.seed, device)
@@ -254,7 +268,7 @@ def score(args: argparse.Namespace, task: str, examples: probe.Examples) -> dict
     return result
 
 
-def evaluate(args: argparse.Namespace, source: Source, selections: dict[str, probe.Selection],
+def evaluate(args: argparse.Namespace, source: Source, selections: dict[str, LabelledFiles],
              device: torch.device) -> None:
     """Fill source.results, from the cache where the inputs are unchanged, computing the rest."""
     keys = {(layer, task): score_key(args, source, layer, task, selections[task])
@@ -319,37 +333,16 @@ def learning_curve(checkpoints: Sequence[Source]) -> list[dict]:
             for source in checkpoints if source.train_seconds is not None]
 
 
-def draw_learning_curve(curve: Sequence[dict], baselines: dict[str, float], path: Path) -> None:
-    """z and c accuracy against training minutes, each baseline (name -> accuracy) a horizontal line."""
-    import matplotlib  # imported here: only the learning curve needs it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    minutes = [point["train_minutes"] for point in curve]
-    colours = {"z": "tab:blue", "c": "tab:orange"}
-    for layer, colour in colours.items():
-        accuracy = [point[layer] for point in curve]
-        axes.plot(minutes, accuracy, "o-", color=colour, label=f"pre-trained {layer}")
-    for name, accuracy in baselines.items():  # MFCC grey and solid, random dashed in its layer's colour
-        layer = name.rsplit(" ", 1)[-1]
-        axes.axhline(accuracy, color=colours.get(layer, "gray"), linestyle="--" if layer in colours else "-",
-                     label=name)
-    axes.set(xlabel="training minutes", ylabel="accuracy", title=f"FSDD {TASKS[CURVE_TASK][0]}")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    ensure_writable_file(args.json, "--json")  # before the work: a result must not be lost at the end
+    if args.json:
+        ensure_writable_file(args.json, "--json")  # before the work: a result must not be lost at the end
     ensure_writable_dir(args.output_dir)
     ensure_writable_dir(args.cache_dir, "--cache-dir")
     set_threads(args.threads)
-    checkpoints = checkpoint_sources(checkpoint_paths(args.features))
+    checkpoints = checkpoint_sources(checkpoint_paths(args.checkpoint))
     randoms = random_sources(checkpoints)
     setup_logging()
     start = time.perf_counter()
@@ -365,16 +358,24 @@ def main(argv: list[str] | None = None) -> None:
         log.info("step %d of %d: %s (%s)", number, len(sources), source.label, ", ".join(source.tasks))
         evaluate(args, source, selections, device)
     table, curve = rows(sources), learning_curve(checkpoints)
-    print(markdown_table(table))
+    markdown = markdown_table(table)
+    print(markdown)
+    (args.output_dir / "table.md").write_text(markdown + "\n")
     if len(curve) >= 2:
         last = {row["name"]: row for row in rows([sources[0], randoms[0]])}
         baselines = {name: row["tasks"][CURVE_TASK]["accuracy"] for name, row in last.items()}
-        draw_learning_curve(curve, baselines, args.output_dir / "learning_curve.png")
+        draw_learning_curve(curve, baselines, args.output_dir / "learning_curve.png",
+                            f"FSDD {TASKS[CURVE_TASK][0]}")
         log.info("wrote %s", args.output_dir / "learning_curve.png")
     total = round(time.perf_counter() - start, 2)
     settings = {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
                 for k, v in vars(args).items()}
-    args.json.write_text(json.dumps({"suite": args.suite, "tasks": {k: v[0] for k, v in TASKS.items()},
-                                     "rows": table, "learning_curve": curve, "total_seconds": total,
-                                     "settings": settings}, indent=2) + "\n")
-    log.info("wrote %s; %.1f s in all", args.json, total)
+    results = json.dumps({"suite": args.suite, "tasks": {k: v[0] for k, v in TASKS.items()}, "rows": table,
+                          "learning_curve": curve, "total_seconds": total, "settings": settings}, indent=2)
+    for path in [args.output_dir / "results.json"] + ([args.json] if args.json else []):
+        path.write_text(results + "\n")
+    log.info("wrote %s; %.1f s in all", args.output_dir, total)
+
+
+if __name__ == "__main__":
+    run_cli(main)

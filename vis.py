@@ -38,32 +38,41 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-import torch
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
 from tqdm import tqdm
 
-from data import find_audio_files, load_audio, probe_audio, resampled_length
-from features import (
-    LAYERS,
-    SAMPLE_RATE,
-    equal_length_batches,
+from data import SAMPLE_RATE, find_audio_files, load_audio, probe_audio, resampled_length
+from features import LAYERS, cosine_matrix, equal_length_batches, is_random, load_network, random_network
+from labels import (
+    LABELS_HELP,
     frame_label_names,
     frame_label_path,
-    hz_to_mel,
     labels_at_centres,
-    mel_filterbank,
+    natural_key,
+    no_label_error,
+    read_labels,
 )
-from model import UserError, Wav2Vec, Wav2VecConfig, read_checkpoint
+from model import Wav2Vec, read_checkpoint
+from plots import (
+    DPI,
+    OTHER_COLOUR,
+    add_legend,
+    category_colours,
+    evenly_spaced,
+    plot_loss_curves,
+    plot_sample,
+    plot_self_similarity,
+    plot_similarity_heatmap,
+    project,
+    shorten,
+)
 from utils import (
+    HelpFormatter,
+    UserError,
+    add_device_argument,
     add_threads_argument,
     ensure_writable_dir,
-    labels_for_files,
     resolve_device,
     run_cli,
     set_threads,
@@ -72,47 +81,24 @@ from utils import (
 
 log = logging.getLogger(__name__)
 
-# Figures are built without pyplot, so they render with Agg: no display, no global figure state. imshow
-# keeps matplotlib's default interpolation, which anti-aliases images with more rows than pixels (512
-# channels, 3000 frames) instead of dropping rows.
-
-SPECTROGRAM_WINDOW = 400  # 25 ms
-SPECTROGRAM_HOP = 160  # 10 ms, the model's frame rate: spectrogram and features share columns per second
-SPECTROGRAM_FFT = 1024  # zero-padded so that even the narrowest (lowest) mel filters cover several bins
-MEL_BANDS = 80
-DYNAMIC_RANGE_DB = 80.0
-MEL_TICKS_HZ = (100, 500, 1000, 2000, 4000, 8000)
-MAX_COLOURS = 20  # categories with their own colour and legend entry; rarer ones share grey "other"
-OTHER_COLOUR = (0.75, 0.75, 0.75, 1.0)
-MAX_TICK_LABELS = 40  # beyond this many files or label groups, heatmap ticks would overlap
 MAX_NEIGHBOUR_ROWS = 24  # queries drawn in nearest_neighbours.png; the CSV holds all of them
-TSNE_PCA_DIMS = 50  # t-SNE runs on this many principal components: much faster, nearly the same map
-# On 3000 FSDD frames (32-channel random model), 750 iterations end within 2% of the KL divergence of
-# sklearn's default 1000 in 3/4 of the time; 500 leave it 9% higher.
-TSNE_ITERATIONS = 750
-# Exact t-SNE below this many points: its O(n^2) gradient is cheaper there than Barnes-Hut's tree and
-# threads (10 points: 0.1 s instead of 2 s on two busy cores).
-TSNE_EXACT_BELOW = 200
 UNLABELLED = "(no label)"
 MAX_BATCH_SAMPLES = 60 * SAMPLE_RATE  # most audio in one forward pass: bounds memory for long files
 REFERENCE = "a random network of the same configuration"
-DPI = 130
 NN_COLUMNS = ("query", "query_label", "rank", "neighbour", "neighbour_label", "cosine_distance", "same_label")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; values argparse cannot check are a UserError."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best_model.pt"),
-                    help="a checkpoint written by main.py, or a fairseq wav2vec 1.0 checkpoint")
+    io.add_argument("--checkpoint", default="checkpoints/best_model.pt",
+                    help="a checkpoint written by main.py or fairseq's wav2vec 1.0, or random:CKPT (the "
+                         "network of CKPT's configuration, randomly initialised with --seed)")
     io.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
     io.add_argument("--labels", default=None,
-                    help="colour and group files by label: 'folder' (each file's parent folder), "
-                         "'pattern:REGEX' (a named group (?P<label>...); the REGEX must match the whole file "
-                         "name), or a TSV with `path` (relative to --data-dir) and `label` columns; default: "
-                         "by file")
+                    help=f"colour and group files by label (default: by file): {LABELS_HELP}")
+    io.add_argument("--label-column", default="label", help="TSV column (or pattern group) of the label")
     io.add_argument("--output-dir", type=Path, default=Path("visualizations"), help="where figures go")
     what = parser.add_argument_group("what to embed and draw")
     what.add_argument("--layer", choices=LAYERS, default="c",
@@ -131,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="also embed the files with a randomly initialised network of the checkpoint's "
                            "configuration, whose numbers the summary gives beside the checkpoint's")
     compute = parser.add_argument_group("compute")
-    compute.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add_device_argument(compute)
     compute.add_argument("--batch-size", type=int, default=10,
                          help="files read at a time; those of equal length share one forward pass")
     add_threads_argument(compute)
@@ -146,52 +132,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----- inputs -------------------------------------------------------------------------------------
 
-def load_history(checkpoint: Path) -> dict | None:
-    """The training history stored in a checkpoint of main.py; None when there is none (fairseq files)."""
-    history = read_checkpoint(checkpoint).get("history")
+def load_history(checkpoint: str) -> dict | None:
+    """The training history stored in a checkpoint of main.py; None when there is none (fairseq files,
+    random networks)."""
+    history = None if is_random(checkpoint) else read_checkpoint(checkpoint).get("history")
     return history if history and history.get("train") else None
 
 
-def evenly_spaced(n: int, limit: int) -> np.ndarray:
-    """At most `limit` distinct indices into range(n), evenly spaced from the first to the last."""
-    return np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(int))
 
 
-def natural_key(text: str) -> list:
-    """Sort key under which '2' comes before '10' (digit runs compare as numbers)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def shorten(text: str, width: int) -> str:
-    """`text`, cut from the left to at most `width` characters: the end of a path says the most."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 # ----- features -----------------------------------------------------------------------------------
 
-def log_mel_spectrogram(wav: np.ndarray) -> np.ndarray:
-    """wav (L,) at 16 kHz -> power in dB (MEL_BANDS, T), frame t covering samples [160 t, 160 t + 400)."""
-    wav = np.pad(wav.astype(np.float64), (0, max(0, SPECTROGRAM_WINDOW - len(wav))))
-    frames = np.lib.stride_tricks.sliding_window_view(wav, SPECTROGRAM_WINDOW)[::SPECTROGRAM_HOP]
-    power = np.abs(np.fft.rfft(frames * np.hanning(SPECTROGRAM_WINDOW), SPECTROGRAM_FFT)) ** 2
-    mel = power @ mel_filterbank(MEL_BANDS, SPECTROGRAM_FFT, SAMPLE_RATE).T  # (T, MEL_BANDS)
-    db = 10 * np.log10(np.maximum(mel, 1e-12))
-    db -= db.max()  # 0 dB = the loudest bin of the file
-    return np.maximum(db, -DYNAMIC_RANGE_DB).T  # a floor: digital silence would swamp the colour scale
 
 
-def frame_extent(num_frames: int, window: int, hop: int = SPECTROGRAM_HOP) -> tuple[float, float]:
-    """(first edge, last edge) in seconds of `num_frames` frames drawn as hop-wide columns centred on their
-    windows [hop t, hop t + window): what puts the spectrogram, z and c on one time axis."""
-    left = (window - hop) / 2 / SAMPLE_RATE
-    return left, left + num_frames * hop / SAMPLE_RATE
 
 
-def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (N, C), b (M, C) -> cosine similarities (N, M); an all-zero row gives zeros rather than NaN."""
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return a @ b.T
 
 
 @dataclass
@@ -340,147 +299,18 @@ def slug(name: str) -> str:
 
 # ----- figures ------------------------------------------------------------------------------------
 
-def smooth(values: list[float]) -> np.ndarray:
-    """Debiased exponential moving average (as TensorBoard's) over about a twentieth of the points."""
-    weight = 1 - 1 / max(1.0, len(values) / 20)
-    out, average = [], 0.0
-    for i, value in enumerate(values):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight ** (i + 1)))  # undo the pull towards the initial 0
-    return np.array(out)
 
 
-def plot_loss_curves(history: dict, config: Wav2VecConfig, path: Path) -> None:
-    """Loss (nats, with bits on the right axis), accuracy, and accuracy per prediction step when recorded."""
-    train, valid = history["train"], history.get("valid", [])
-    has_accuracy = all("accuracy" in entry for entry in train)
-    has_per_step = all("accuracy_per_step" in entry for entry in train)
-    panels = 1 + has_accuracy + has_per_step
-    fig = Figure(figsize=(5.2 * panels, 4.2), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, panels))
-    steps = [entry["step"] for entry in train]
-
-    def curves(ax, key: str, scale: float) -> None:  # raw and smoothed training values, validation dots
-        values = [entry[key] * scale for entry in train]
-        ax.plot(steps, values, color="C0", lw=0.8, alpha=0.35, label="train (raw)")
-        ax.plot(steps, smooth(values), color="C0", lw=2, label="train (smoothed)")
-        if valid and all(key in entry for entry in valid):
-            ax.plot([entry["step"] for entry in valid], [entry[key] * scale for entry in valid], "o-",
-                    color="C1", ms=4, label="validation (per epoch)")
-        ax.set_xlabel("update step")
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
-
-    curves(axes[0], "loss", 1.0)
-    axes[0].set(ylabel=f"{config.loss_type} loss (nats)", title="Loss")
-    bits = axes[0].secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda x: x * math.log(2)))
-    bits.set_ylabel("loss (bits)")
-    if has_accuracy:
-        curves(axes[1], "accuracy", 100.0)
-        axes[1].set(ylabel="accuracy (%)", title="Accuracy (positive above every distractor)")
-    if has_per_step:
-        plot_accuracy_per_step(axes[-1], train, config.resolved_offset)
-    fig.suptitle(f"Training history: {len(train)} records, {len(valid)} validations")
-    fig.savefig(path, dpi=DPI)
 
 
-def plot_accuracy_per_step(ax, train: list[dict], offset: int) -> None:
-    """Mean training accuracy for each prediction step k, for up to five epochs from first to last."""
-    by_epoch: dict[int, list] = {}
-    for entry in train:
-        by_epoch.setdefault(entry["epoch"], []).append(entry["accuracy_per_step"])
-    epochs = sorted(by_epoch)
-    shown = [epochs[i] for i in evenly_spaced(len(epochs), 5)]
-    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(shown)))
-    for epoch, colour in zip(shown, colours, strict=True):
-        accuracy = 100 * np.mean(by_epoch[epoch], axis=0)
-        ax.plot(np.arange(1, len(accuracy) + 1), accuracy, "o-", color=colour, ms=3, label=f"epoch {epoch}")
-    ax.set(xlabel=f"prediction step k (target: z at frame t + {offset} + k - 1)",
-           ylabel="training accuracy (%)", title="Accuracy per prediction step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
 
 
-def plot_sample(wav: np.ndarray, duration: float, z: np.ndarray, c: np.ndarray, model: Wav2Vec,
-                name: str, label: str | None, path: Path) -> None:
-    """Waveform, log-mel spectrogram, z (C, T) and c (C, T) of one file, stacked on one time axis."""
-    fig = Figure(figsize=(11, 8.5), layout="constrained")
-    grid = fig.add_gridspec(4, 2, width_ratios=(60, 1), height_ratios=(1, 1.3, 1.3, 1.3))
-    top = fig.add_subplot(grid[0, 0])
-    axes = [top] + [fig.add_subplot(grid[row, 0], sharex=top) for row in (1, 2, 3)]
-    colourbars = [fig.add_subplot(grid[row, 1]) for row in (1, 2, 3)]
-
-    seconds = np.arange(len(wav)) / SAMPLE_RATE
-    top.plot(seconds, wav, color="C0", lw=0.4)
-    peak = max(float(np.abs(wav).max()), 1e-3)
-    top.set(ylim=(-1.05 * peak, 1.05 * peak), ylabel="amplitude\n(full scale = 1)", title="Waveform",
-            xlim=(0, len(wav) / SAMPLE_RATE))
-
-    mel = log_mel_spectrogram(wav)
-    left, right = frame_extent(mel.shape[1], SPECTROGRAM_WINDOW)
-    image = axes[1].imshow(mel, aspect="auto", origin="lower", cmap="magma",
-                           extent=(left, right, 0, MEL_BANDS))
-    top_mel = hz_to_mel(SAMPLE_RATE / 2)
-    ticks = [hz for hz in MEL_TICKS_HZ if hz <= SAMPLE_RATE / 2]
-    axes[1].set_yticks([hz_to_mel(hz) / top_mel * MEL_BANDS for hz in ticks], [f"{hz:g}" for hz in ticks])
-    axes[1].set(ylabel="frequency (Hz,\nmel scale)",
-                title=f"Log-mel spectrogram ({MEL_BANDS} bands, 25 ms window)")
-    fig.colorbar(image, cax=colourbars[0], label="power (dB re. loudest)")
-
-    titles = {"z": f"Latent z (encoder output, {z.shape[0]} channels, one frame per 10 ms)",
-              "c": f"Context c (context network output, {c.shape[0]} channels)"}
-    for ax, cax, (key, feats) in zip(axes[2:], colourbars[1:], (("z", z), ("c", c)), strict=True):
-        low, high = np.percentile(feats, (1, 99))  # robust limits: a few large activations would wash it out
-        left, right = frame_extent(feats.shape[1], model.receptive_field, model.config.stride)
-        image = ax.imshow(feats, aspect="auto", origin="lower", cmap="viridis", vmin=low,
-                          vmax=max(high, low + 1e-6), extent=(left, right, -0.5, feats.shape[0] - 0.5))
-        ax.set(ylabel=f"{key} channel", title=titles[key])
-        fig.colorbar(image, cax=cax, label="activation (a.u.)")
-    for ax in axes[:-1]:
-        ax.tick_params(labelbottom=False)
-    axes[-1].set_xlabel("time (s)")
-    cut = f", first {len(wav) / SAMPLE_RATE:.1f} s shown" if len(wav) / SAMPLE_RATE < duration else ""
-    fig.suptitle(f"{name}{f'  [label: {label}]' if label is not None else ''}: {duration:.2f} s{cut}, "
-                 f"{z.shape[1]} frames")
-    fig.savefig(path, dpi=DPI)
 
 
-def category_colours(categories: list[str]) -> dict[str, tuple]:
-    """A colour for each category, or for the most frequent ones when there are more than MAX_COLOURS:
-    the rest share grey "other" (OTHER_COLOUR), so the palette's own greys are then left out."""
-    counts = Counter(categories)
-    palette = list(matplotlib.colormaps["tab10" if len(counts) <= 10 else "tab20"].colors)
-    if len(counts) > MAX_COLOURS:
-        palette = [colour for colour in palette if len(set(colour)) > 1]  # a grey has r == g == b
-        counts = Counter(dict(counts.most_common(len(palette))))
-    return {category: palette[i] for i, category in enumerate(sorted(counts, key=natural_key))}
 
 
-def add_legend(fig: Figure, colours: dict[str, tuple], categories: list[str], title: str,
-               loc: str = "outside right upper") -> None:
-    """A legend beside the panels: an entry per coloured category, and one for the grey rest."""
-    handles = [Line2D([], [], marker="o", ls="", color=colour, label=shorten(category, 28))
-               for category, colour in colours.items()]
-    others = len(set(categories) - set(colours))
-    if others:
-        handles.append(Line2D([], [], marker="o", ls="", color=OTHER_COLOUR, label=f"other ({others})"))
-    fig.legend(handles=handles, loc=loc, title=title, fontsize="small")
 
 
-def project(points: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, tuple[str, str]]:
-    """points (n, C) -> 2-D coordinates (n, 2) by PCA or t-SNE, and the two axis labels."""
-    if method == "pca":
-        pca = PCA(2, random_state=seed).fit(points)
-        ratios = pca.explained_variance_ratio_
-        return pca.transform(points), (f"PC 1 ({100 * ratios[0]:.0f}% of variance)",
-                                       f"PC 2 ({100 * ratios[1]:.0f}% of variance)")
-    reduced = PCA(min(TSNE_PCA_DIMS, *points.shape), random_state=seed).fit_transform(points)
-    perplexity = min(30.0, max(1.0, (len(points) - 1) / 3))  # must stay below the number of points
-    gradient = "exact" if len(points) < TSNE_EXACT_BELOW else "barnes_hut"
-    tsne = TSNE(2, perplexity=perplexity, init="pca", method=gradient, max_iter=TSNE_ITERATIONS,
-                random_state=seed)
-    return tsne.fit_transform(reduced), ("t-SNE 1 (a.u.)", "t-SNE 2 (a.u.)")
 
 
 def plot_embedding_map(emb: Embeddings, categories: list[str], colour_by: str, frame_categories: list[str],
@@ -518,50 +348,10 @@ def plot_embedding_map(emb: Embeddings, categories: list[str], colour_by: str, f
     fig.savefig(path, dpi=DPI)
 
 
-def group_ticks(ax, ordered: list[str], axis_label: str) -> None:
-    """Ticks for a matrix whose rows are grouped: one per run of equal names, with lines between runs."""
-    starts = [i for i in range(len(ordered)) if i == 0 or ordered[i] != ordered[i - 1]]
-    ends = starts[1:] + [len(ordered)]
-    grouped = len(starts) < len(ordered)  # lines only when groups hold several rows, not one per file
-    for boundary in starts[1:] if grouped else []:
-        ax.axhline(boundary - 0.5, color="white", lw=0.6)
-        ax.axvline(boundary - 0.5, color="white", lw=0.6)
-    if len(starts) <= MAX_TICK_LABELS:
-        centres = [(start + end - 1) / 2 for start, end in zip(starts, ends, strict=True)]
-        names = [shorten(ordered[start], 24) for start in starts]
-        ax.set_xticks(centres, names, rotation=90, fontsize="small")
-        ax.set_yticks(centres, names, fontsize="small")
-    else:  # too many names to print: keep the numeric ticks (row indices)
-        axis_label += " (index)"
-    ax.set(xlabel=axis_label, ylabel=axis_label)
 
 
-def plot_similarity_heatmap(similarity: np.ndarray, order: np.ndarray, categories: list[str], colour_by: str,
-                            layer: str, title_note: str, path: Path) -> None:
-    """Cosine similarity (N, N) between files, rows and columns in `order` (grouped by label)."""
-    fig = Figure(figsize=(8.5, 7.5), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(similarity[np.ix_(order, order)], cmap="viridis", vmin=-1, vmax=1)
-    ordered = [categories[i] for i in order]
-    group_ticks(ax, ordered, f"file (grouped by {colour_by})" if colour_by == "label" else "file")
-    fig.colorbar(image, ax=ax, label="cosine similarity (mean-centred)", shrink=0.85)
-    ax.set_title(f"Similarity between files ({layer}, mean over time){title_note}")
-    fig.savefig(path, dpi=DPI)
 
 
-def plot_self_similarity(frames: np.ndarray, centre: np.ndarray, model: Wav2Vec, name: str, layer: str,
-                         path: Path) -> None:
-    """Cosine similarity between every pair of frames (C, T) of one file, both axes in seconds."""
-    centred = frames.T - centre
-    left, right = frame_extent(frames.shape[1], model.receptive_field, model.config.stride)
-    fig = Figure(figsize=(7, 6), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(cosine_matrix(centred, centred), cmap="viridis", vmin=-1, vmax=1, origin="lower",
-                      extent=(left, right, left, right))
-    ax.set(xlabel="time (s)", ylabel="time (s)",
-           title=f"Frame-by-frame similarity of {shorten(name, 40)} ({layer})")
-    fig.colorbar(image, ax=ax, label="cosine similarity (mean-centred)", shrink=0.85)
-    fig.savefig(path, dpi=DPI)
 
 
 def nearest_neighbours(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -725,11 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     start = time.perf_counter()
     device = resolve_device(args.device)
-    model = Wav2Vec.from_pretrained(args.checkpoint, map_location=device)
-    reference = None
-    if args.random_reference:  # what the summary's numbers would be without training
-        torch.manual_seed(args.seed)
-        reference = Wav2Vec(model.config).to(device).eval()
+    model = load_network(args.checkpoint, args.seed, device, needs="a wav2vec network to draw")
+    # What the summary's numbers would be without training.
+    reference = random_network(model.config, args.seed, device) if args.random_reference else None
     history = load_history(args.checkpoint)
     found = find_audio_files(args.data_dir)
     if not found:
@@ -737,9 +525,10 @@ def main(argv: list[str] | None = None) -> None:
     # --max-batches x --batch-size files, evenly spaced: see the module docstring
     files = [found[i] for i in evenly_spaced(len(found), args.max_batches * args.batch_size)]
     names = [f.relative_to(args.data_dir).as_posix() for f in files]
-    labels = labels_for_files(names, args.labels, args.data_dir) if args.labels else [None] * len(files)
+    labels = (read_labels(names, args.labels, args.data_dir, label_column=args.label_column)[0] if args.labels
+              else [None] * len(files))
     if args.labels and all(label is None for label in labels):
-        raise UserError(f"None of the {len(files)} files got a label from {args.labels!r}; check the source.")
+        raise no_label_error(args.labels, len(files), args.data_dir)
     out = args.output_dir
     log.info("%s on %s: embedding %d of %d files from %s, layer %s", args.checkpoint, device, len(files),
              len(found), args.data_dir, args.layer)

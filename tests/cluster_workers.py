@@ -5,13 +5,13 @@ import time
 
 import torch.distributed as dist
 
-import utils
+import training
 
 
 def prepare_in_turn(rank: int, port: int, local_ranks: list[int], order_file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(local_ranks[rank]), WORLD_SIZE=str(len(local_ranks)))
-    ddp = utils.setup_distributed("cpu")
+    ddp = training.setup_distributed("cpu")
     barrier = dist.barrier
 
     def barrier_off_the_default_group(group=None, **kwargs):
@@ -20,8 +20,8 @@ def prepare_in_turn(rank: int, port: int, local_ranks: list[int], order_file: st
         return barrier(group=group, **kwargs)
 
     dist.barrier = barrier_off_the_default_group
-    with utils.main_process_first(ddp):
+    with training.main_process_first(ddp):
         time.sleep(0.5 if ddp.is_main else 0)  # rank 0's preparation takes time; the others wait for it
         with open(order_file, "a") as f:
             f.write(f"{rank}\n")
-    utils.teardown_distributed()
+    training.teardown_distributed()

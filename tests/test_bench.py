@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import bench
-from data import make_demo_corpus
+from demo import make_demo_corpus
 from model import Wav2Vec, Wav2VecConfig, sample_distractors
-from utils import autocast_context, build_optimizer, make_grad_scaler
+from training import build_optimizer, make_grad_scaler
+from utils import autocast_context
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "wav2vec", "--channels", "16", "--batch-size", "2", "--segment-length", "4000",

@@ -14,7 +14,7 @@ import extract
 import main
 import probe
 import vis
-from data import make_demo_corpus
+from demo import make_demo_corpus
 from model import UserError, Wav2Vec, Wav2VecConfig
 
 
@@ -132,13 +132,13 @@ def test_probe_refuses_an_unwritable_json_or_cache_before_any_feature(corpus, tm
     monkeypatch.setattr(probe, "select_files", lambda args: pytest.fail("the work started"))
     outputs = {"--json": str(tmp_path / "p.json"), flag: str(blocked(tmp_path))}
     with pytest.raises(UserError, match=f"Cannot write to the output folder .*{flag}"):
-        probe.main(["--data-dir", str(corpus), "--labels", "folder", "--features", "mfcc",
+        probe.main(["--data-dir", str(corpus), "--labels", "folder", "--checkpoint", "mfcc",
                     *[item for pair in outputs.items() for item in pair]])
 
 
 def test_probe_refuses_a_json_path_that_is_a_folder(corpus, tmp_path):
     with pytest.raises(UserError, match="--json .* is a folder"):
-        probe.main(["--data-dir", str(corpus), "--labels", "folder", "--features", "mfcc",
+        probe.main(["--data-dir", str(corpus), "--labels", "folder", "--checkpoint", "mfcc",
                     "--json", str(tmp_path)])
 
 
@@ -147,7 +147,7 @@ def test_probe_refuses_a_json_path_that_is_a_folder(corpus, tmp_path):
 def test_an_invalid_label_pattern_is_one_sentence_not_a_trace(corpus, tmp_path):
     with pytest.raises(UserError, match=r"The label pattern '\(\?P<label>\\d' is not a valid regular "
                                         r"expression \(missing \), unterminated subpattern"):
-        probe.main(["--data-dir", str(corpus), "--features", "mfcc", "--labels", r"pattern:(?P<label>\d",
+        probe.main(["--data-dir", str(corpus), "--checkpoint", "mfcc", "--labels", r"pattern:(?P<label>\d",
                     "--json", str(tmp_path / "p.json")])
 
 
@@ -159,7 +159,7 @@ def test_every_entry_script_takes_threads(corpus, checkpoint, tmp_path):
                   str(tmp_path / "f.npz"), "--pool", "mean", "--threads", "1", "--device", "cpu"])
     assert torch.get_num_threads() == 1
     torch.set_num_threads(2)
-    probe.main(["--data-dir", str(corpus), "--labels", "folder", "--features", str(checkpoint),
+    probe.main(["--data-dir", str(corpus), "--labels", "folder", "--checkpoint", str(checkpoint),
                 "--folds", "2", "--json", str(tmp_path / "p.json"), "--threads", "1", "--device", "cpu"])
     assert torch.get_num_threads() == 1
     assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}  # NumPy's BLAS too

@@ -12,10 +12,13 @@ import torch.multiprocessing as mp
 from cluster_workers import prepare_in_turn
 
 import bench
+import data
 import main
+import plots
 import utils
 import vis
-from data import CropDataset, make_demo_corpus
+from data import CropDataset
+from demo import make_demo_corpus
 from model import UserError, Wav2VecConfig
 
 # ----- start-up preparation under torchrun ----------------------------------------------------------
@@ -115,7 +118,7 @@ class SlowCrops(CropDataset):
 
 
 def test_a_loader_slower_than_the_step_is_measured_and_named_with_its_remedies(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "CropDataset", SlowCrops)
+    monkeypatch.setattr(data, "CropDataset", SlowCrops)
     main.train(main.parse_args(short_run_flags(corpus, tmp_path / "run", "--max-updates", "4",
                                                "--log-every", "1")))
     text = (tmp_path / "run" / "train.log").read_text()
@@ -128,9 +131,10 @@ def test_a_loader_slower_than_the_step_is_measured_and_named_with_its_remedies(c
 
 def test_a_run_shorter_than_log_every_keeps_its_history_and_draws_loss_curves(corpus, tmp_path):
     main.train(main.parse_args(short_run_flags(corpus, tmp_path / "run", "--max-updates", "3")))
-    history = vis.load_history(tmp_path / "run" / "latest.pt")
+    history = vis.load_history(str(tmp_path / "run" / "latest.pt"))
     assert [entry["step"] for entry in history["train"]] == [3]
-    vis.plot_loss_curves(history, Wav2VecConfig.preset("wav2vec", channels=16), tmp_path / "loss_curves.png")
+    plots.plot_loss_curves(history, Wav2VecConfig.preset("wav2vec", channels=16),
+                           tmp_path / "loss_curves.png")
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
 
 

@@ -24,11 +24,11 @@ from data import (
     change_speed,
     find_audio_files,
     load_audio,
-    make_demo_corpus,
     make_loader,
     prepare_packed_corpus,
     split_manifest,
 )
+from demo import make_demo_corpus
 from model import UserError
 
 REPO = Path(__file__).resolve().parents[1]

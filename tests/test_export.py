@@ -11,8 +11,8 @@ from weights import save_weights
 
 import export
 import ondevice
-from data import make_demo_corpus
-from finetune import Classifier, HeadConfig
+from demo import make_demo_corpus
+from heads import Classifier, HeadConfig
 from model import StreamingStep, UserError, Wav2Vec, Wav2VecConfig
 
 

@@ -15,7 +15,8 @@ from weights import save_weights
 
 import finetune
 import probe
-from model import UserError, Wav2Vec, Wav2VecConfig
+from heads import Classifier, HeadConfig, Pooling, pad_frames
+from model import UserError, Wav2Vec, Wav2VecConfig, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TONE_LABELS = r"pattern:(?P<label>\d+)hz_(?P<speaker>[a-z]+)_\d+\.wav"
@@ -101,19 +102,19 @@ def test_regression_on_a_continuous_target_reaches_a_high_correlation(tmp_path):
 @pytest.mark.parametrize("how", ["mean", "mean+std", "attentive"])
 def test_padding_does_not_change_pooled_features(how):
     torch.manual_seed(0)
-    pooling = finetune.Pooling(how, channels=6, hidden=4)
+    pooling = Pooling(how, channels=6, hidden=4)
     short, long = torch.randn(6, 5), torch.randn(6, 9)
-    padded, mask = finetune.pad_frames([short, long])  # short gets 4 frames of padding
+    padded, mask = pad_frames([short, long])  # short gets 4 frames of padding
     padded[0, :, 5:] = 100.0  # whatever sits in the padding
-    alone, _ = finetune.pad_frames([short])
+    alone, _ = pad_frames([short])
     assert torch.allclose(pooling(padded, mask)[0], pooling(alone, torch.ones(1, 5, dtype=torch.bool))[0],
                           atol=1e-6)
 
 
 def test_feature_statistics_come_from_files_spread_over_the_fold(monkeypatch):
     monkeypatch.setattr(finetune, "STATS_FILES", 4)
-    config = finetune.HeadConfig(labels=("a", "b"), backbone="mfcc", channels=1)
-    model = finetune.Classifier(config, None)
+    config = HeadConfig(labels=("a", "b"), backbone="mfcc", channels=1)
+    model = Classifier(config, None)
     frames = [torch.full((1, 10), float(i >= 50)) for i in range(100)]  # sorted: zeros first, then ones
     finetune.set_feature_statistics(model, frames, "frames", torch.device("cpu"))
     assert model.feature_mean.item() == pytest.approx(0.5)
@@ -129,7 +130,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones, tiny_checkpoint):
     run(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--max-folds", "1", "--epochs", "3",
         "--layer", "all", "--pool", "attentive", checkpoint=str(tiny_checkpoint))
-    saved = finetune.read_checkpoint(tmp_path / "run" / "finetuned.pt")
+    saved = read_checkpoint(tmp_path / "run" / "finetuned.pt")
     trained = {row["path"]: row for row in read_csv(tmp_path / "run" / "predictions.csv")}
     assert set(trained) == set(saved["test_files"])
     output = tmp_path / "new.csv"
@@ -144,7 +145,7 @@ def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones
 
 def fold_result(name: str, accuracy: float | None) -> tuple:
     metrics = {} if accuracy is None else {"valid": {"accuracy": accuracy, "loss": 1.0}}
-    model = finetune.Classifier(finetune.HeadConfig(labels=("a", "b"), backbone="mfcc", channels=2), None)
+    model = Classifier(HeadConfig(labels=("a", "b"), backbone="mfcc", channels=2), None)
     return name, np.arange(2), finetune.FoldResult(model, [], metrics)
 
 
@@ -170,7 +171,7 @@ def test_finetuned_model_loads_with_weights_only_and_predicts_in_two_lines(tmp_p
     run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "2")
     ckpt = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)
     assert ckpt["head_config"]["labels"] == ["300", "1500"] and ckpt["args"]["epochs"] == 2
-    model = finetune.Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
+    model = Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
     prediction = model.predict(tones / "300hz_ann_0.wav")
     assert prediction["label"] in ("300", "1500")
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0)
@@ -181,7 +182,7 @@ def test_torch_hub_loads_a_classifier_and_a_pretrained_wav2vec(tmp_path, tones, 
     classifier = torch.hub.load(str(REPO), "classifier", checkpoint=str(tmp_path / "run" / "finetuned.pt"),
                                 source="local")
     wav2vec = torch.hub.load(str(REPO), "wav2vec", checkpoint=str(tiny_checkpoint), source="local")
-    assert isinstance(classifier, finetune.Classifier) and isinstance(wav2vec, Wav2Vec)
+    assert isinstance(classifier, Classifier) and isinstance(wav2vec, Wav2Vec)
     assert wav2vec.extract_features(torch.zeros(4000))["c"].shape[1] == 32
 
 
@@ -189,7 +190,7 @@ def test_a_fairseq_checkpoint_is_a_backbone_too(tmp_path, tones):
     fairseq = REPO / "tests" / "fixtures" / "fairseq_style_checkpoint_tiny.pt"
     run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "1", "--layer", "all",
         checkpoint=str(fairseq))
-    model = finetune.Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
+    model = Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
     assert model.backbone.config.log_compression and model.layer_weights.shape == (12,)  # wav2vec large
 
 

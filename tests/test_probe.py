@@ -12,10 +12,10 @@ import torch
 from weights import save_weights
 
 import probe
-from data import make_demo_corpus
-from features import deltas, mel_filterbank, mfcc
+from demo import make_demo_corpus
+from features import backbone_config, deltas, featurizer, mel_filterbank, mfcc
+from labels import cross_validation, fsdd_test_mask, labels_at_centres, read_labels
 from model import UserError, Wav2Vec, Wav2VecConfig
-from utils import cross_validation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,21 +88,21 @@ def test_a_class_with_one_example_is_a_user_error():
 
 def test_fsdd_official_split_tests_repetitions_0_to_4(tmp_path):
     names = ["3_theo_0.wav", "3_theo_4.wav", "3_theo_5.wav", "7_jackson_49.wav"]
-    assert list(probe.fsdd_test_mask(names, tmp_path)) == [True, True, False, False]
+    assert list(fsdd_test_mask(names, tmp_path)) == [True, True, False, False]
 
 
 def test_feature_frames_take_the_label_at_their_centre():
     frame_labels = np.arange(10)  # label t covers samples [160 t, 160 t + 160)
     # wav2vec frame t covers [160 t, 160 t + 465): centre 160 t + 232 lies in label frame t + 1.
-    assert list(probe.labels_at_centres(frame_labels, 3, window=465)) == [1, 2, 3]
+    assert list(labels_at_centres(frame_labels, 3, window=465)) == [1, 2, 3]
     # The last feature frames may reach past the labels: they take the last label.
-    assert probe.labels_at_centres(frame_labels, 12, window=465)[-1] == 9
+    assert labels_at_centres(frame_labels, 12, window=465)[-1] == 9
 
 
 def test_random_features_are_seeded():
     wav = [np.random.default_rng(0).standard_normal(1600).astype(np.float32)]
-    first, window = probe.featurizer("random", "c", seed=3, device=torch.device("cpu"))
-    second, _ = probe.featurizer("random", "c", seed=3, device=torch.device("cpu"))
+    first, window = featurizer("random", "c", seed=3, device=torch.device("cpu"))
+    second, _ = featurizer("random", "c", seed=3, device=torch.device("cpu"))
     np.testing.assert_array_equal(first(wav)[0], second(wav)[0])
     assert window == 465 and first(wav)[0].shape[0] == 512  # the base config, full width
 
@@ -113,13 +113,13 @@ def test_random_with_a_checkpoint_is_a_random_network_of_that_checkpoints_config
     checkpoint = tmp_path / "tiny.pt"
     save_weights(trained, checkpoint)
     wav = [np.random.default_rng(0).standard_normal(1600).astype(np.float32)]
-    random_of_it, _ = probe.featurizer(f"random:{checkpoint}", "c", seed=3, device=torch.device("cpu"))
+    random_of_it, _ = featurizer(f"random:{checkpoint}", "c", seed=3, device=torch.device("cpu"))
     torch.manual_seed(3)
     expected = Wav2Vec(trained.config).eval().extract_features(torch.from_numpy(wav[0]))["c"][0].numpy()
     np.testing.assert_array_equal(random_of_it(wav)[0], expected)
-    assert probe.feature_config(f"random:{checkpoint}") == trained.config
-    assert probe.feature_config("random") == Wav2VecConfig.preset("wav2vec")
-    assert probe.feature_config("mfcc") is None
+    assert backbone_config(f"random:{checkpoint}") == trained.config
+    assert backbone_config("random") == Wav2VecConfig.preset("wav2vec")
+    assert backbone_config("mfcc") is None
 
 
 def test_the_json_records_the_config_of_the_network_probed(tmp_path):
@@ -130,7 +130,7 @@ def test_the_json_records_the_config_of_the_network_probed(tmp_path):
     model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16))
     save_weights(model, tmp_path / "tiny.pt")
     for features, channels in ((f"random:{tmp_path / 'tiny.pt'}", 16), ("mfcc", None)):
-        probe.main(["--data-dir", str(tmp_path / "data"), "--labels", "folder", "--features", features,
+        probe.main(["--data-dir", str(tmp_path / "data"), "--labels", "folder", "--checkpoint", features,
                     "--folds", "3", "--json", str(tmp_path / "p.json")])
         recorded = json.loads((tmp_path / "p.json").read_text())["features_config"]
         assert (recorded and recorded["context_layers"][-1][0]) == channels
@@ -140,7 +140,7 @@ def test_the_json_records_the_config_of_the_network_probed(tmp_path):
 
 def test_tsv_labels_and_group_column(tmp_path):
     (tmp_path / "labels.tsv").write_text("path\tlabel\tspeaker\nx/a.wav\tyes\tann\nb.wav\tno\tbob\n")
-    labels, groups = probe.read_labels(["x/a.wav", "b.wav", "c.wav"], "labels.tsv", tmp_path, "speaker")
+    labels, groups = read_labels(["x/a.wav", "b.wav", "c.wav"], "labels.tsv", tmp_path, "speaker")
     assert labels == ["yes", "no", None] and groups == ["ann", "bob", None]
 
 
@@ -149,30 +149,31 @@ def test_label_column_names_the_tsv_column_the_labels_come_from(tmp_path):
         write_tone(tmp_path / name, 200)
     (tmp_path / "meta.tsv").write_text("path\tage\tspeaker\na.wav\t7\tann\nb.wav\t31\tbob\n")
     args = probe.parse_args(["--data-dir", str(tmp_path), "--labels", "meta.tsv", "--label-column", "age",
-                             "--task", "regress", "--features", "mfcc", "--json", str(tmp_path / "out.json")])
+                             "--task", "regress", "--checkpoint", "mfcc",
+                             "--json", str(tmp_path / "out.json")])
     assert probe.select_files(args).labels == ["7", "31"]
 
 
 def test_folder_labels_are_the_parent_folder_names(tmp_path):
-    labels, groups = probe.read_labels(["dog/1.wav", "cat/deep/2.wav"], "folder", tmp_path)
+    labels, groups = read_labels(["dog/1.wav", "cat/deep/2.wav"], "folder", tmp_path)
     assert labels == ["dog", "deep"] and groups is None
 
 
 def test_folder_labels_refuse_a_group_column(tmp_path):
     with pytest.raises(UserError, match="TSV or a pattern"):
-        probe.read_labels(["dog/1.wav"], "folder", tmp_path, "speaker")
+        read_labels(["dog/1.wav"], "folder", tmp_path, "speaker")
 
 
 def test_pattern_labels_and_groups_come_from_named_groups(tmp_path):
-    labels, groups = probe.read_labels(["up_ann.wav", "down_bob.wav", "noise.wav"],
+    labels, groups = read_labels(["up_ann.wav", "down_bob.wav", "noise.wav"],
                                        r"pattern:(?P<label>[a-z]+)_(?P<who>[a-z]+)\.wav", tmp_path, "who")
     assert labels == ["up", "down", None] and groups == ["ann", "bob", None]
 
 
 def test_fsdd_shortcuts_read_digit_and_speaker(tmp_path):
     names = ["7_jackson_12.wav", "0_theo_3.wav"]
-    assert probe.read_labels(names, "fsdd-digit", tmp_path, "speaker") == (["7", "0"], ["jackson", "theo"])
-    assert probe.read_labels(names, "fsdd-speaker", tmp_path)[0] == ["jackson", "theo"]
+    assert read_labels(names, "fsdd-digit", tmp_path, "speaker") == (["7", "0"], ["jackson", "theo"])
+    assert read_labels(names, "fsdd-speaker", tmp_path)[0] == ["jackson", "theo"]
 
 
 # ----- MFCC ---------------------------------------------------------------------------------------
@@ -208,12 +209,12 @@ def test_mfcc_probe_separates_low_and_high_tones(tmp_path):
         write_tone(tmp_path / "data" / "low" / f"{k}.wav", 200 + 20 * k, seed=k)
         write_tone(tmp_path / "data" / "high" / f"{k}.wav", 2000 + 100 * k, seed=k)
     out = tmp_path / "probe.json"
-    probe.main(["--data-dir", str(tmp_path / "data"), "--labels", "folder", "--features", "mfcc",
+    probe.main(["--data-dir", str(tmp_path / "data"), "--labels", "folder", "--checkpoint", "mfcc",
                 "--pool", "mean+std", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["accuracy"] == 1.0 and result["macro_f1"] == 1.0
     assert (result["n_examples"], result["n_classes"], len(result["fold_accuracies"])) == (12, 2, 5)
-    assert result["settings"]["features"] == "mfcc"
+    assert result["settings"]["checkpoint"] == "mfcc"
 
 
 def test_cached_features_are_reused_for_other_labels_and_renewed_when_a_file_changes(tmp_path, monkeypatch):
@@ -225,7 +226,7 @@ def test_cached_features_are_reused_for_other_labels_and_renewed_when_a_file_cha
 
     def run(labels: str) -> dict:
         out = tmp_path / f"{labels}.json"
-        probe.main(["--data-dir", str(tmp_path / "data"), "--labels", labels, "--features", "mfcc",
+        probe.main(["--data-dir", str(tmp_path / "data"), "--labels", labels, "--checkpoint", "mfcc",
                     "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
         return json.loads(out.read_text())
 
@@ -248,7 +249,7 @@ def test_unlabelled_files_are_skipped_and_counted(tmp_path):
     write_tone(tmp_path / "other.wav", 1000)
     rows = [f"low{k}.wav\tlow" for k in range(3)] + [f"high{k}.wav\thigh" for k in range(3)]
     (tmp_path / "labels.tsv").write_text("path\tlabel\n" + "\n".join(rows) + "\n")
-    args = probe.parse_args(["--data-dir", str(tmp_path), "--labels", "labels.tsv", "--features", "mfcc",
+    args = probe.parse_args(["--data-dir", str(tmp_path), "--labels", "labels.tsv", "--checkpoint", "mfcc",
                              "--json", str(tmp_path / "out.json")])
     selection = probe.select_files(args)
     assert selection.skipped == 1 and len(selection.paths) == 6
@@ -258,7 +259,7 @@ def test_unlabelled_files_are_skipped_and_counted(tmp_path):
 def test_frame_level_probe_reads_the_demo_corpus_frame_labels(tmp_path):
     data = make_demo_corpus(tmp_path / "demo", num_speakers=2, files_per_speaker=3, seconds_per_file=1.0)
     out = tmp_path / "frames.json"
-    probe.main(["--data-dir", str(data), "--frame-level", "--features", "mfcc", "--max-frames", "300",
+    probe.main(["--data-dir", str(data), "--frame-level", "--checkpoint", "mfcc", "--max-frames", "300",
                 "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["n_examples"] == 300 and result["evaluation"] == "5-fold by file"
@@ -269,7 +270,7 @@ def test_a_folder_with_one_class_exits_with_a_clear_error(tmp_path):
     write_tone(tmp_path / "only" / "a.wav", 440)
     write_tone(tmp_path / "only" / "b.wav", 880)
     run = subprocess.run([sys.executable, "probe.py", "--data-dir", str(tmp_path), "--labels", "folder",
-                          "--features", "mfcc", "--json", str(tmp_path / "out.json")],
+                          "--checkpoint", "mfcc", "--json", str(tmp_path / "out.json")],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.startswith("error:") and "needs at least two classes" in run.stderr

@@ -10,7 +10,7 @@ import torch
 
 import probe
 import suite
-from data import make_demo_corpus
+from demo import make_demo_corpus
 from model import UserError, Wav2Vec, Wav2VecConfig
 
 
@@ -50,9 +50,10 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def suite_args(workspace: Path, out: Path, *features: str, fsdd: Path | None = None) -> list[str]:
-    return ["--suite", "fsdd", "--data-dir", str(fsdd or workspace / "fsdd"), "--frames-dir",
-            str(workspace / "demo"), "--features", *features, "--cache-dir", str(out / "cache"),
-            "--json", str(out / "suite.json"), "--max-frames", "200", "--folds", "3", "--threads", "1"]
+    return ["fsdd", "--data-dir", str(fsdd or workspace / "fsdd"), "--frames-dir",
+            str(workspace / "demo"), "--checkpoint", *features, "--cache-dir", str(out / "cache"),
+            "--output-dir", str(out), "--json", str(out / "suite.json"), "--max-frames", "200",
+            "--folds", "3", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def run_folder_result(workspace, tmp_path_factory) -> tuple[dict, str, Path]:
     real_print = print
     suite.print = lambda text: capture.append(text)  # the table, without capsys in a module fixture
     try:
-        probe.main(suite_args(workspace, out, str(workspace / "run")))
+        suite.main(suite_args(workspace, out, str(workspace / "run")))
     finally:
         suite.print = real_print
     return json.loads((out / "suite.json").read_text()), capture[0], out
@@ -101,7 +102,7 @@ def test_a_suite_row_equals_the_single_probe(workspace, run_folder_result, tmp_p
     result, _, _ = run_folder_result
     row = next(row for row in result["rows"] if row["name"] == "checkpoint_20.pt z")
     data_dir = workspace / ("demo" if task == "frames" else "fsdd")
-    probe.main(["--data-dir", str(data_dir), *suite.TASKS[task][1], "--features",
+    probe.main(["--data-dir", str(data_dir), *suite.TASKS[task][1], "--checkpoint",
                 str(workspace / "run" / "checkpoint_20.pt"), "--layer", "z", "--pool", "mean+std",
                 "--folds", "3", "--max-frames", "200", "--threads", "1", "--json",
                 str(tmp_path / "single.json")])
@@ -131,13 +132,13 @@ def test_cached_scores_are_reused_and_recomputed_when_their_inputs_change(worksp
 def test_a_folder_without_fsdd_names_is_one_clear_sentence(workspace, tmp_path):
     sf.write(tmp_path / "hello.wav", np.zeros(8000), 8000)
     with pytest.raises(UserError, match="No FSDD-named files"):
-        suite.select(suite.parse_args(["--suite", "fsdd", "--data-dir", str(tmp_path), "--features", "x.pt",
+        suite.select(suite.parse_args(["fsdd", "--data-dir", str(tmp_path), "--checkpoint", "x.pt",
                                        "--json", str(tmp_path / "o.json")]))
 
 
 def test_a_missing_data_folder_is_one_clear_sentence(tmp_path):
     with pytest.raises(UserError, match="No folder .*nowhere: give --data-dir"):
-        suite.parse_args(["--suite", "fsdd", "--data-dir", str(tmp_path / "nowhere"), "--features", "x.pt",
+        suite.parse_args(["fsdd", "--data-dir", str(tmp_path / "nowhere"), "--checkpoint", "x.pt",
                           "--json", str(tmp_path / "o.json")])
 
 

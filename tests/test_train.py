@@ -22,10 +22,11 @@ import torch
 
 import data
 import main
+import training
 import utils
-from data import make_demo_corpus
-from model import UserError, Wav2Vec
-from utils import lr_lambda, save_checkpoint
+from demo import make_demo_corpus
+from model import UserError, Wav2Vec, Wav2VecConfig
+from training import lr_lambda, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def tiny_flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data_dir), "--output-dir", str(out), "--channels", "32", "--segment-length",
             "6000", "--batch-size", "2", "--epochs", "2", "--log-every", "1", "--num-workers", "0",
             "--valid-fraction", "0.2", "--save-every", "0", "--device", "cpu", "--warmup-updates", "0",
-            *extra]
+            "--precision", "fp32", *extra]  # fp32: exact resumes and loss comparisons (auto is bf16 on AMX)
 
 
 def train(data_dir: Path, out: Path, *extra: str) -> dict:
@@ -112,7 +113,8 @@ def test_best_model_is_the_epoch_with_the_lowest_validation_loss(corpus, tmp_pat
 def test_stopped_and_resumed_run_follows_the_uninterrupted_one(corpus, tmp_path, monkeypatch):
     straight = train(corpus, tmp_path / "straight", "--max-updates", "7")
     with monkeypatch.context() as budget:  # a --max-minutes budget used up after update 3, mid-epoch 0
-        budget.setattr(main.TrainingClock, "out_of_time", property(lambda clock: clock.progress.step >= 3))
+        budget.setattr(training.TrainingClock, "out_of_time",
+                       property(lambda clock: clock.progress.step >= 3))
         assert train(corpus, tmp_path / "resumed", "--max-updates", "7")["step"] == 3
     resumed = train(corpus, tmp_path / "resumed", "--max-updates", "7", "--resume")
     assert resumed["step"] == straight["step"] == 7
@@ -135,7 +137,7 @@ def trained_keys(monkeypatch) -> list[tuple[int, int]]:
 
 def stop_after(monkeypatch, step: int):
     """A --max-minutes budget that runs out after update `step`."""
-    return monkeypatch.setattr(main.TrainingClock, "out_of_time",
+    return monkeypatch.setattr(training.TrainingClock, "out_of_time",
                                property(lambda clock: clock.progress.step >= step))
 
 
@@ -231,7 +233,7 @@ def test_fp16_alias_selects_fp16():
 
 def test_the_default_model_is_the_base_layout_at_128_channels():
     config = main.build_config(main.parse_args(["--data-dir", "x"]))
-    base = main.Wav2VecConfig.preset("wav2vec")
+    base = Wav2VecConfig.preset("wav2vec")
     assert {c for c, _, _ in config.encoder_layers + config.context_layers} == {128}
     assert [k for _, k, _ in config.context_layers] == [k for _, k, _ in base.context_layers]
     paper = main.build_config(main.parse_args(["--data-dir", "x", "--model", "wav2vec"]))
@@ -247,7 +249,8 @@ def test_demo_defaults_give_way_to_explicit_flags():
 @pytest.mark.parametrize(("has_bf16", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_demo_uses_bf16_only_on_a_cpu_that_computes_it_in_hardware(monkeypatch, has_bf16, expected):
     monkeypatch.setattr(utils, "cpu_has_half_instructions", lambda precision: has_bf16)
-    assert main.parse_args(["--demo", "--device", "cpu"]).precision == expected
+    args = main.parse_args(["--demo", "--device", "cpu"])
+    assert utils.resolve_precision(args.precision, torch.device(args.device)) == expected
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_to_use_fp32(monkeypatch, caplog):
@@ -272,9 +275,9 @@ def test_a_resumed_run_counts_the_time_already_spent(corpus, tmp_path):
 
 def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr(main.time, "perf_counter", lambda: now[0])
-    progress = main.Progress(train_seconds=150.0)  # resumed 30 s into its third minute
-    clock = main.TrainingClock(progress, max_minutes=10, save_every_minutes=1)
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+    progress = training.Progress(train_seconds=150.0)  # resumed 30 s into its third minute
+    clock = training.TrainingClock(progress, max_minutes=10, save_every_minutes=1)
     due = []
     for second in range(0, 500, 10):
         now[0] = second
@@ -284,9 +287,9 @@ def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkey
     assert clock.out_of_time and progress.train_seconds == 640.0
 
 
-def collapse_watch(**config) -> main.CollapseWatch:
-    model = Wav2Vec(main.Wav2VecConfig.preset("wav2vec", channels=8, **config))
-    return main.CollapseWatch(model, patience=100)
+def collapse_watch(**config) -> training.CollapseWatch:
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=8, **config))
+    return training.CollapseWatch(model, patience=100)
 
 
 def test_a_loss_stuck_at_its_collapsed_value_warns_once_after_patience_updates():
@@ -499,8 +502,8 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp
 def test_the_same_signal_twice_in_a_second_is_one_stop_request_and_a_later_one_stops_at_once(monkeypatch):
     # killpg reaches a rank, then torchrun's agent forwards the same stop to it milliseconds later.
     now = [100.0]
-    monkeypatch.setattr(utils.time, "monotonic", lambda: now[0])
-    with utils.StopRequest() as stop:
+    monkeypatch.setattr(training.time, "monotonic", lambda: now[0])
+    with training.StopRequest() as stop:
         stop.graceful = True
         os.kill(os.getpid(), signal.SIGTERM)
         now[0] += 0.05

@@ -13,7 +13,10 @@ import soundfile as sf
 import torch
 
 import vis
-from data import DEMO_LABELS, make_demo_corpus
+from data import FRAME_HOP
+from demo import DEMO_LABELS, make_demo_corpus
+from features import MEL_BANDS, SPECTROGRAM_WINDOW, hz_to_mel, log_mel_spectrogram
+from labels import frame_label_names
 from model import UserError, Wav2Vec, Wav2VecConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +133,7 @@ def test_without_the_random_reference_the_summary_gives_only_the_checkpoints_num
 def test_frames_are_coloured_by_their_own_labels_where_the_corpus_has_them(folder_run, workspace, tmp_path):
     assert "sampled frames (left, coloured by frame label)" in (folder_run / "index.html").read_text()
     wav = next(workspace["corpus"].glob("speaker00/*.wav"))
-    names = vis.frame_label_names(workspace["corpus"])
+    names = frame_label_names(workspace["corpus"])
     labels = vis.frame_labels_of(wav, 10, 465, names)
     assert len(labels) == 10 and set(labels) <= set(DEMO_LABELS)
     corpus = tmp_path / "corpus"  # the same audio without its frame labels
@@ -210,11 +213,11 @@ def test_missing_checkpoint_exits_2_with_one_error_line(workspace, tmp_path):
 
 def test_log_mel_spectrogram_puts_a_tone_in_its_band():
     seconds = np.arange(16000) / 16000
-    mel = vis.log_mel_spectrogram(np.sin(2 * np.pi * 1000 * seconds).astype(np.float32))  # (bands, T)
-    assert mel.shape == (vis.MEL_BANDS, 1 + (16000 - vis.SPECTROGRAM_WINDOW) // vis.SPECTROGRAM_HOP)
+    mel = log_mel_spectrogram(np.sin(2 * np.pi * 1000 * seconds).astype(np.float32))  # (bands, T)
+    assert mel.shape == (MEL_BANDS, 1 + (16000 - SPECTROGRAM_WINDOW) // FRAME_HOP)
     loudest_band = int(np.argmax(mel.mean(axis=1)))
-    band_centre = (loudest_band + 1) / (vis.MEL_BANDS + 1) * vis.hz_to_mel(8000)  # equally spaced in mel
-    assert abs(band_centre - vis.hz_to_mel(1000)) < vis.hz_to_mel(8000) / vis.MEL_BANDS
+    band_centre = (loudest_band + 1) / (MEL_BANDS + 1) * hz_to_mel(8000)  # equally spaced in mel
+    assert abs(band_centre - hz_to_mel(1000)) < hz_to_mel(8000) / MEL_BANDS
 
 
 def test_neighbour_agreement_is_complete_for_separated_labels_and_chance_counts_pairs():
