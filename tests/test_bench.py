@@ -1,23 +1,24 @@
-"""bench.py: train and extract benchmarks in tiny configurations, their JSON, and the CLI error edge."""
+"""bench.py: train, extract and stream benchmarks in tiny configurations, their JSON, the loader comparison,
+and flags named and set as main.py's."""
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import bench
+import utils
 from demo import make_demo_corpus
 from model import Wav2Vec, Wav2VecConfig, sample_distractors
 from training import build_optimizer, make_grad_scaler
 from utils import autocast_context
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "wav2vec", "--channels", "16", "--batch-size", "2", "--segment-length", "4000",
         "--repeats", "1", "--warmup", "0", "--matmul-size", "128", "--device", "cpu"]
+
+
 REPORTED = ("what", "model", "channels", "batch_size", "segment_length", "precision", "device",
             "seconds_per_step_median", "seconds_per_step_min", "seconds_per_step_max",
             "audio_seconds_per_second", "real_time_factor", "flops_per_step", "flops_method",
@@ -63,14 +64,6 @@ def test_training_on_a_data_folder_says_whether_the_loader_keeps_up(tmp_path):
         result["loader_audio_seconds_per_second"] >= result["audio_seconds_per_second"])
 
 
-def test_loader_without_a_data_folder_is_one_error_line_and_exit_code_2():
-    run = subprocess.run([sys.executable, "bench.py", "--what", "loader"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
-    assert run.returncode == 2
-    assert run.stderr.startswith("error: ") and "--data-dir" in run.stderr
-    assert "Traceback" not in run.stderr
-
-
 def test_stream_benchmark_times_every_runtime_and_chunk_size_and_reports_the_device_budget():
     result = bench.main(["--what", "stream", "--presets", "wav2vec_tiny", "--chunk-ms", "10,30",
                          "--hops", "6", "--warmup", "1"])
@@ -87,7 +80,15 @@ def test_stream_benchmark_times_every_runtime_and_chunk_size_and_reports_the_dev
         assert row["state_bytes"] == 7964 and row["parameters"] == 195_520
 
 
-def test_a_chunk_size_that_is_not_whole_hops_is_refused():
-    with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args(["--what", "stream", "--chunk-ms", "10,25"])
-    assert exit_info.value.code == 2
+def test_mfu_peak_is_taken_in_the_precision_the_convolutions_use(backend_flags):
+    utils.configure_backends(torch.device("cuda"))
+    assert bench.peak_precision(torch.device("cuda"), "fp32") == "tf32"
+    assert bench.peak_precision(torch.device("cuda"), "bf16") == "bf16"
+    assert bench.peak_precision(torch.device("cpu"), "fp32") == "fp32"
+
+
+def test_bench_names_its_flags_as_main_does():
+    args = bench.parse_args(["--model", "wav2vec_large", "--packed-dir", "packed"])
+    assert (args.model, args.packed_dir) == ("wav2vec_large", Path("packed"))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "wav2vec"])

@@ -1,17 +1,17 @@
-"""The audio pipeline: formats, resampling, crops, the manifest, bad files, sampling, workers, demo corpus."""
+"""The audio pipeline (data.py): formats, resampling, crops, the manifest, bad files, sampling, workers, the
+packed corpus."""
 
-import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from scripts import REPO
 from torch.utils.data import Dataset
 
 import data
@@ -30,8 +30,6 @@ from data import (
 )
 from demo import make_demo_corpus
 from model import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tone(seconds: float, rate: int, hz: float = 440.0, channels: int = 1) -> np.ndarray:
@@ -55,6 +53,8 @@ def peak_hz(wav: np.ndarray) -> float:
 # ----- formats and resampling ---------------------------------------------------------------------
 
 LOSSLESS = {"wav": "PCM_16", "flac": "PCM_16"}
+
+
 LOSSY = {"ogg": "VORBIS", "mp3": "MPEG_LAYER_III"}
 
 
@@ -189,6 +189,32 @@ def test_short_files_are_counted_and_skipped_or_padded(tmp_path, caplog, pad_sho
         assert np.abs(crop[:1600]).max() > 0.1 and not crop[1600:].any()
 
 
+def test_files_shorter_than_one_crop_are_met_with_the_flags_that_keep_them_and_the_numbers(tmp_path, caplog):
+    for i, seconds in enumerate((0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 3.0)):
+        write(tmp_path / f"{i}.wav", tone(seconds, SAMPLE_RATE), SAMPLE_RATE)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=32000)
+    advice = "--pad-short keeps them (zero-padded), or --segment-length 4800 keeps 90% of the files whole"
+    assert f"9 of 10 files are shorter than one crop (32000 samples, 2.00 s): skipped; {advice}" \
+        in caplog.text
+    with pytest.raises(UserError, match="9 files were skipped as shorter than one crop: --pad-short") \
+            as error:
+        make_loader(ds, EpochSampler(len(ds)), batch_size=2)
+    assert "--segment-length 4800" in str(error.value) and "--batch-size" not in str(error.value)
+    with pytest.raises(UserError, match=r"All 10 files .* \(the longest has 48000\): --pad-short"):
+        CropDataset(tmp_path, build_manifest(tmp_path), segment_length=64000)
+
+
+def test_a_few_short_files_in_a_long_corpus_are_not_met_with_a_longer_crop(tmp_path, caplog):
+    for i, seconds in enumerate((0.5,) + (3.0,) * 19):
+        write(tmp_path / f"{i}.wav", tone(seconds, SAMPLE_RATE), SAMPLE_RATE)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        CropDataset(tmp_path, build_manifest(tmp_path), segment_length=32000)
+    assert "1 of 20 files are shorter than one crop (32000 samples, 2.00 s): skipped; --pad-short keeps " \
+           "them (zero-padded)." in caplog.text
+    assert "--segment-length" not in caplog.text  # 90% of the files are whole with this crop already
+
+
 # ----- bad input ----------------------------------------------------------------------------------
 
 def write_bad_files(folder):
@@ -312,6 +338,26 @@ def test_the_manifest_goes_to_cache_dir_when_given(tmp_path):
     assert len(list((tmp_path / "cache").glob("audio-*.tsv"))) == 1
 
 
+def test_an_interrupted_scan_stops_without_scanning_the_files_still_queued(tmp_path, monkeypatch):
+    for i in range(200):
+        (tmp_path / f"{i}.wav").write_bytes(b"")
+    scanned = []
+
+    def slow_unreadable(path, *job):
+        scanned.append(path)
+        time.sleep(0.01)
+        return data.AudioReadError(path, "unreadable")
+
+    def ctrl_c(*args, **kwargs):  # Ctrl-C while the main thread handles a scanned file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_scan", slow_unreadable)
+    monkeypatch.setattr(data.logger, "warning", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build_manifest(tmp_path)
+    assert len(scanned) < 50
+
+
 def test_the_split_is_stable_and_keeps_a_file_on_each_side(tmp_path):
     entries = [data.ManifestEntry(f"s{k}/{k}.wav", 16000, SAMPLE_RATE, 1, 0, 0) for k in range(200)]
     train, valid = split_manifest(entries, valid_fraction=0.1)
@@ -393,6 +439,21 @@ def test_each_worker_is_seeded_differently_and_reproducibly():
     assert not torch.equal(draws(1)[:, 0], first[:, 0])
 
 
+def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
+    for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert data.default_num_workers() == workers
+
+
+def test_a_training_set_smaller_than_one_batch_is_a_user_error(tmp_path):
+    write(tmp_path / "a.wav", tone(1.0, SAMPLE_RATE), SAMPLE_RATE)
+    ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=4000)
+    with pytest.raises(UserError, match="fewer than one batch"):
+        make_loader(ds, EpochSampler(len(ds)), batch_size=2)
+
+
+# ----- loader workers and signals (separate processes) --------------------------------------------
+
 LOADER_SCRIPT = """
 import os, signal, sys
 import torch
@@ -408,6 +469,7 @@ class Keys(Dataset):
 
 loader = data.make_loader(Keys(), data.EpochSampler(4, shuffle=False), 1, num_workers=2)
 """
+
 
 SIGNAL_AS_WORKERS_START = LOADER_SCRIPT + """
 received = []
@@ -441,65 +503,6 @@ def test_loader_workers_still_running_at_exit_do_not_hold_the_process_up():
     assert run_in_own_group(script).returncode == 3
 
 
-def test_files_shorter_than_one_crop_are_met_with_the_flags_that_keep_them_and_the_numbers(tmp_path, caplog):
-    for i, seconds in enumerate((0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 3.0)):
-        write(tmp_path / f"{i}.wav", tone(seconds, SAMPLE_RATE), SAMPLE_RATE)
-    with caplog.at_level(logging.WARNING, logger="data"):
-        ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=32000)
-    advice = "--pad-short keeps them (zero-padded), or --segment-length 4800 keeps 90% of the files whole"
-    assert f"9 of 10 files are shorter than one crop (32000 samples, 2.00 s): skipped; {advice}" \
-        in caplog.text
-    with pytest.raises(UserError, match="9 files were skipped as shorter than one crop: --pad-short") \
-            as error:
-        make_loader(ds, EpochSampler(len(ds)), batch_size=2)
-    assert "--segment-length 4800" in str(error.value) and "--batch-size" not in str(error.value)
-    with pytest.raises(UserError, match=r"All 10 files .* \(the longest has 48000\): --pad-short"):
-        CropDataset(tmp_path, build_manifest(tmp_path), segment_length=64000)
-
-
-def test_a_few_short_files_in_a_long_corpus_are_not_met_with_a_longer_crop(tmp_path, caplog):
-    for i, seconds in enumerate((0.5,) + (3.0,) * 19):
-        write(tmp_path / f"{i}.wav", tone(seconds, SAMPLE_RATE), SAMPLE_RATE)
-    with caplog.at_level(logging.WARNING, logger="data"):
-        CropDataset(tmp_path, build_manifest(tmp_path), segment_length=32000)
-    assert "1 of 20 files are shorter than one crop (32000 samples, 2.00 s): skipped; --pad-short keeps " \
-           "them (zero-padded)." in caplog.text
-    assert "--segment-length" not in caplog.text  # 90% of the files are whole with this crop already
-
-
-def test_an_interrupted_scan_stops_without_scanning_the_files_still_queued(tmp_path, monkeypatch):
-    for i in range(200):
-        (tmp_path / f"{i}.wav").write_bytes(b"")
-    scanned = []
-
-    def slow_unreadable(path, *job):
-        scanned.append(path)
-        time.sleep(0.01)
-        return data.AudioReadError(path, "unreadable")
-
-    def ctrl_c(*args, **kwargs):  # Ctrl-C while the main thread handles a scanned file
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(data, "_scan", slow_unreadable)
-    monkeypatch.setattr(data.logger, "warning", ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        build_manifest(tmp_path)
-    assert len(scanned) < 50
-
-
-def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
-    for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
-        assert data.default_num_workers() == workers
-
-
-def test_a_training_set_smaller_than_one_batch_is_a_user_error(tmp_path):
-    write(tmp_path / "a.wav", tone(1.0, SAMPLE_RATE), SAMPLE_RATE)
-    ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=4000)
-    with pytest.raises(UserError, match="fewer than one batch"):
-        make_loader(ds, EpochSampler(len(ds)), batch_size=2)
-
-
 # ----- packed corpus ------------------------------------------------------------------------------
 
 def test_the_packed_corpus_gives_the_crops_of_the_on_the_fly_dataset(tmp_path, monkeypatch):
@@ -518,28 +521,6 @@ def test_the_packed_corpus_gives_the_crops_of_the_on_the_fly_dataset(tmp_path, m
 
     monkeypatch.setattr(data, "load_audio", None)  # a second preparation must decode nothing
     assert prepare_packed_corpus(tmp_path / "audio", entries, tmp_path / "packed") == packed
-
-
-# ----- demo corpus --------------------------------------------------------------------------------
-
-def test_the_demo_corpus_is_deterministic_and_labelled(tmp_path):
-    options = dict(num_speakers=2, files_per_speaker=2, seconds_per_file=1.0)
-    first = make_demo_corpus(tmp_path / "a", seed=7, **options)
-    second = make_demo_corpus(tmp_path / "b", seed=7, **options)
-    other = make_demo_corpus(tmp_path / "c", seed=8, **options)
-    files = [p.relative_to(first) for p in find_audio_files(first)]
-    assert len(files) == 4 and all(p.parent.name == p.name.split("_")[0] for p in files)
-    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
-    assert (first / files[0]).read_bytes() != (other / files[0]).read_bytes()
-
-    rows = (first / "labels.tsv").read_text().splitlines()
-    assert rows[0] == "path\tlabel\tspeaker"
-    assert sorted(r.split("\t")[0] for r in rows[1:]) == sorted(f.as_posix() for f in files)
-    names = json.loads((first / "frame_labels.json").read_text())["names"]
-    for f in files:
-        frames = np.load(first / f.with_suffix(".frames.npy"))
-        assert len(frames) == sf.info(first / f).frames // 160 == 100
-        assert frames.min() >= 0 and frames.max() < len(names) and len(set(frames.tolist())) > 1
 
 
 def test_packing_leaves_the_temporary_files_of_other_processes_alone(tmp_path):

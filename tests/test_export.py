@@ -1,4 +1,5 @@
-"""export.py and ondevice.py: ONNX and TorchScript equal PyTorch, offline and streaming; int8 stays close."""
+"""export.py and ondevice.py: ONNX and TorchScript equal PyTorch, offline and streaming; int8 stays close;
+a fine-tuned model exports with its head."""
 
 import json
 from pathlib import Path
@@ -7,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from weights import save_weights
+from weights import fine_tuned, save_weights
 
 import export
 import ondevice
 from demo import make_demo_corpus
 from heads import Classifier, HeadConfig
-from model import StreamingStep, UserError, Wav2Vec, Wav2VecConfig
+from model import UserError, Wav2Vec, Wav2VecConfig
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,8 @@ def streaming_onnx(model, tmp_path_factory):
 def offline(model: Wav2Vec, wav: np.ndarray) -> dict[str, np.ndarray]:
     return {key: value.numpy() for key, value in model.extract_features(torch.from_numpy(wav)).items()}
 
+
+# ----- offline and streaming graphs ---------------------------------------------------------------
 
 def test_onnx_offline_graph_equals_pytorch_for_any_length(model, tmp_path):
     path = tmp_path / "offline.onnx"
@@ -77,6 +80,13 @@ def test_a_fresh_state_forgets_the_audio_before(model, streaming_onnx):
     assert not np.allclose(first.step(hop)[1], second.step(hop)[1])
 
 
+def test_an_offline_graph_cannot_be_driven_as_a_stream(model, tmp_path):
+    path = tmp_path / "offline.onnx"
+    ondevice.export_onnx(model, path)
+    with pytest.raises(UserError, match="--streaming"):
+        ondevice.OnnxStreamer(ondevice.onnx_session(path))
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_torchscript_round_trip_equals_pytorch(model, tmp_path, streaming):
     path = tmp_path / "model.pt"
@@ -98,24 +108,6 @@ def test_int8_export_stores_every_weight_in_int8_and_features_stay_within_cosine
     assert report["cosine_z_mean"] >= 0.98 and report["cosine_c_mean"] >= 0.98
 
 
-def test_an_offline_graph_cannot_be_driven_as_a_stream(model, tmp_path):
-    path = tmp_path / "offline.onnx"
-    ondevice.export_onnx(model, path)
-    with pytest.raises(UserError, match="--streaming"):
-        ondevice.OnnxStreamer(ondevice.onnx_session(path))
-
-
-def test_int8_without_calibration_audio_is_refused(checkpoint, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        export.main(["--checkpoint", str(checkpoint), "--quantize", "int8", "--output", str(tmp_path / "x")])
-    assert exit_info.value.code == 2
-    assert "--calibration-dir" in capsys.readouterr().err
-
-
-def test_the_streaming_step_starts_the_context_network_after_its_warmup(model):
-    assert StreamingStep(model).warmup_hops == 2  # frame 0 ends at sample 465: complete in the third hop
-
-
 def test_missing_export_packages_are_named_with_the_install_command(monkeypatch):
     def not_installed(name):
         raise ImportError(name)
@@ -125,20 +117,7 @@ def test_missing_export_packages_are_named_with_the_install_command(monkeypatch)
         ondevice.onnx_session(Path("any.onnx"))
 
 
-def fine_tuned(task: str, **head) -> Classifier:
-    """A finetune.py model on a tiny base backbone, with every weight and the standardisation moved off its
-    initial value, as training would."""
-    torch.manual_seed(0)
-    config = HeadConfig(task=task, labels=("no", "yes", "stop") if task == "classify" else (), channels=8,
-                        num_layers=9, hidden=16, target_mean=3.0, target_std=2.0, **head)
-    model = Classifier(config, Wav2VecConfig.preset("wav2vec", channels=8))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-        model.feature_mean.normal_()
-        model.feature_std.uniform_(0.5, 2.0)
-    return model.eval()
-
+# ----- fine-tuned models --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task, head", [("classify", {"layer": "c", "pool": "mean", "head": "linear"}),
                                         ("classify", {"layer": "all", "pool": "attentive", "head": "mlp"}),
@@ -171,13 +150,6 @@ def test_export_cli_writes_a_fine_tuned_model_as_onnx_torchscript_and_int8(tmp_p
     labels = json.loads(ondevice.onnx_session(tmp_path / "out.onnx4").get_modelmeta()
                         .custom_metadata_map["head_config"])["labels"]
     assert labels == ["no", "yes", "stop"]
-
-
-def test_a_fine_tuned_model_cannot_be_exported_as_a_stream(tmp_path):
-    checkpoint = tmp_path / "finetuned.pt"
-    torch.save(fine_tuned("classify").payload({}), checkpoint)
-    with pytest.raises(UserError, match="drop --streaming"):
-        export.main(["--checkpoint", str(checkpoint), "--streaming", "--output", str(tmp_path / "x.onnx")])
 
 
 def test_an_mfcc_head_is_refused_with_the_reason():

@@ -1,62 +1,19 @@
-"""finetune.py: the head learns what the features carry, padding is invisible, saved models predict what
-they predicted in training, freezing freezes, and user mistakes end in one sentence. Synthetic audio only."""
+"""finetune.py: the head learns what the features carry, saved models predict what they predicted in
+training, the saved fold is the best one, freezing freezes, and label mistakes end in one sentence.
+Synthetic audio only."""
 
 import csv
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from weights import save_weights
+from audio import write_tone
+from scripts import REPO, run_finetune
 
 import finetune
-import probe
-from heads import Classifier, HeadConfig, Pooling, pad_frames
-from model import UserError, Wav2Vec, Wav2VecConfig, read_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
-TONE_LABELS = r"pattern:(?P<label>\d+)hz_(?P<speaker>[a-z]+)_\d+\.wav"
-
-
-def write_tone(path: Path, hz: float, seconds: float, rng: np.random.Generator) -> None:
-    t = np.arange(int(16000 * seconds)) / 16000
-    wav = 0.3 * np.sin(2 * np.pi * hz * t) + 0.01 * rng.standard_normal(len(t))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, wav.astype(np.float32), 16000)
-
-
-@pytest.fixture(scope="module")
-def tones(tmp_path_factory) -> Path:
-    """Two pitches (the label) said by three 'speakers', of different lengths: a task with a known answer."""
-    folder = tmp_path_factory.mktemp("tones")
-    rng = np.random.default_rng(0)
-    for hz in (300, 1500):
-        for speaker in ("ann", "bob", "cy"):
-            for i in range(8):
-                write_tone(folder / f"{hz}hz_{speaker}_{i}.wav", hz * rng.uniform(0.95, 1.05),
-                           rng.uniform(0.2, 0.5), rng)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A 32-channel base network in main.py's checkpoint format."""
-    torch.manual_seed(0)
-    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=32))
-    return save_weights(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-def run(tmp_path: Path, data_dir: Path, *flags: str, checkpoint: str = "mfcc",
-        labels: str = TONE_LABELS) -> dict:
-    """finetune.py in this process; returns its metrics.json."""
-    out = tmp_path / "run"
-    finetune.main(["--checkpoint", checkpoint, "--data-dir", str(data_dir), "--labels", labels,
-                   "--output-dir", str(out), "--threads", "1", *flags])
-    return json.loads((out / "metrics.json").read_text())
+from heads import Classifier, HeadConfig
+from model import UserError, read_checkpoint
 
 
 def write_table(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
@@ -65,11 +22,11 @@ def write_table(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
     return path
 
 
-# ----- learning ----------------------------------------------------------------------------------
+# ----- learning -----------------------------------------------------------------------------------
 
 def test_a_head_on_frozen_features_learns_a_task_with_a_known_answer(tmp_path, tones):
-    metrics = run(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--epochs", "20",
-                  "--batch-size", "8", "--lr", "1e-2")
+    metrics = run_finetune(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--epochs", "20",
+                           "--batch-size", "8", "--lr", "1e-2")
     assert metrics["evaluation"] == "leave-one-group-out" and metrics["n_tested"] == 48
     assert metrics["accuracy"] >= 0.95
     assert set(metrics["per_class_recall"]) == {"300", "1500"}
@@ -81,7 +38,7 @@ def test_shuffled_labels_score_near_chance(tmp_path):
     for i in range(80):
         write_tone(tmp_path / "audio" / f"{i}.wav", rng.uniform(200, 2000), 0.25, rng)
     labels = write_table(tmp_path / "audio", [(f"{i}.wav", shuffled[i], "x") for i in range(80)])
-    metrics = run(tmp_path, tmp_path / "audio", "--epochs", "20", "--folds", "4", labels=str(labels))
+    metrics = run_finetune(tmp_path, tmp_path / "audio", "--epochs", "20", "--folds", "4", labels=str(labels))
     assert 0.05 < metrics["accuracy"] < 0.5  # chance is 0.25
 
 
@@ -93,22 +50,10 @@ def test_regression_on_a_continuous_target_reaches_a_high_correlation(tmp_path):
         write_tone(tmp_path / "audio" / f"{i}.wav", hz, 0.25, rng)
         rows.append((f"{i}.wav", f"{hz:.1f}", "x"))
     labels = write_table(tmp_path / "audio", rows)
-    metrics = run(tmp_path, tmp_path / "audio", "--task", "regress", "--epochs", "60", "--folds", "3",
-                  "--head", "mlp", labels=str(labels))
+    metrics = run_finetune(tmp_path, tmp_path / "audio", "--task", "regress", "--epochs", "60",
+                           "--folds", "3", "--head", "mlp", labels=str(labels))
     assert metrics["pearson_r"] > 0.9 and metrics["r2"] > 0.7
     assert (tmp_path / "run" / "scatter.png").is_file()
-
-
-@pytest.mark.parametrize("how", ["mean", "mean+std", "attentive"])
-def test_padding_does_not_change_pooled_features(how):
-    torch.manual_seed(0)
-    pooling = Pooling(how, channels=6, hidden=4)
-    short, long = torch.randn(6, 5), torch.randn(6, 9)
-    padded, mask = pad_frames([short, long])  # short gets 4 frames of padding
-    padded[0, :, 5:] = 100.0  # whatever sits in the padding
-    alone, _ = pad_frames([short])
-    assert torch.allclose(pooling(padded, mask)[0], pooling(alone, torch.ones(1, 5, dtype=torch.bool))[0],
-                          atol=1e-6)
 
 
 def test_feature_statistics_come_from_files_spread_over_the_fold(monkeypatch):
@@ -120,16 +65,16 @@ def test_feature_statistics_come_from_files_spread_over_the_fold(monkeypatch):
     assert model.feature_mean.item() == pytest.approx(0.5)
 
 
-# ----- saved models --------------------------------------------------------------------------------
+# ----- saved models -------------------------------------------------------------------------------
 
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones, tiny_checkpoint):
-    run(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--max-folds", "1", "--epochs", "3",
-        "--layer", "all", "--pool", "attentive", checkpoint=str(tiny_checkpoint))
+def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones, checkpoint32):
+    run_finetune(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--max-folds", "1", "--epochs",
+                 "3", "--layer", "all", "--pool", "attentive", checkpoint=str(checkpoint32))
     saved = read_checkpoint(tmp_path / "run" / "finetuned.pt")
     trained = {row["path"]: row for row in read_csv(tmp_path / "run" / "predictions.csv")}
     assert set(trained) == set(saved["test_files"])
@@ -159,7 +104,7 @@ def test_without_validation_files_the_saved_model_is_the_last_folds():
 
 
 def test_metrics_name_the_fold_that_finetuned_pt_holds(tmp_path, tones):
-    metrics = run(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--epochs", "2")
+    metrics = run_finetune(tmp_path, tones, "--group-column", "speaker", "--folds", "0", "--epochs", "2")
     saved = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)
     best = max(metrics["folds"].values(), key=lambda fold: fold["valid"]["accuracy"])["valid"]["accuracy"]
     assert metrics["saved_model"]["fold"] == saved["fold"]
@@ -167,29 +112,10 @@ def test_metrics_name_the_fold_that_finetuned_pt_holds(tmp_path, tones):
     assert metrics["folds"][saved["fold"]]["valid"]["accuracy"] == best
 
 
-def test_finetuned_model_loads_with_weights_only_and_predicts_in_two_lines(tmp_path, tones):
-    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "2")
-    ckpt = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)
-    assert ckpt["head_config"]["labels"] == ["300", "1500"] and ckpt["args"]["epochs"] == 2
-    model = Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
-    prediction = model.predict(tones / "300hz_ann_0.wav")
-    assert prediction["label"] in ("300", "1500")
-    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0)
-
-
-def test_torch_hub_loads_a_classifier_and_a_pretrained_wav2vec(tmp_path, tones, tiny_checkpoint):
-    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "1")
-    classifier = torch.hub.load(str(REPO), "classifier", checkpoint=str(tmp_path / "run" / "finetuned.pt"),
-                                source="local")
-    wav2vec = torch.hub.load(str(REPO), "wav2vec", checkpoint=str(tiny_checkpoint), source="local")
-    assert isinstance(classifier, Classifier) and isinstance(wav2vec, Wav2Vec)
-    assert wav2vec.extract_features(torch.zeros(4000))["c"].shape[1] == 32
-
-
 def test_a_fairseq_checkpoint_is_a_backbone_too(tmp_path, tones):
     fairseq = REPO / "tests" / "fixtures" / "fairseq_style_checkpoint_tiny.pt"
-    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "1", "--layer", "all",
-        checkpoint=str(fairseq))
+    run_finetune(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--epochs", "1", "--layer",
+                 "all", checkpoint=str(fairseq))
     model = Classifier.from_pretrained(tmp_path / "run" / "finetuned.pt")
     assert model.backbone.config.log_compression and model.layer_weights.shape == (12,)  # wav2vec large
 
@@ -197,13 +123,13 @@ def test_a_fairseq_checkpoint_is_a_backbone_too(tmp_path, tones):
 @pytest.mark.parametrize("freeze, frozen, trained", [("all", ("encoder", "context"), ()),
                                                      ("encoder", ("encoder",), ("context",)),
                                                      ("none", (), ("encoder", "context"))])
-def test_freezing_really_freezes(tmp_path, tones, tiny_checkpoint, freeze, frozen, trained):
+def test_freezing_really_freezes(tmp_path, tones, checkpoint32, freeze, frozen, trained):
     # --augment turns the feature cache off, so the frozen parts run every update and only freezing
     # keeps them as they were.
-    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--max-updates", "4", "--augment",
-        "--freeze", freeze, "--freeze-updates", "1", "--backbone-lr", "1e-2", "--warmup-updates", "0",
-        checkpoint=str(tiny_checkpoint))
-    before = torch.load(tiny_checkpoint, weights_only=True)["model"]
+    run_finetune(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--max-updates", "4",
+                 "--augment", "--freeze", freeze, "--freeze-updates", "1", "--backbone-lr", "1e-2",
+                 "--warmup-updates", "0", checkpoint=str(checkpoint32))
+    before = torch.load(checkpoint32, weights_only=True)["model"]
     after = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)["model"]
 
     def unchanged(part: str) -> bool:
@@ -213,52 +139,30 @@ def test_freezing_really_freezes(tmp_path, tones, tiny_checkpoint, freeze, froze
     assert not any(unchanged(part) for part in trained)
 
 
-def test_random_checkpoint_trains_the_checkpoints_network_from_new_weights(tmp_path, tones, tiny_checkpoint):
+def test_random_checkpoint_trains_the_checkpoints_network_from_new_weights(tmp_path, tones, checkpoint32):
     # The tiny checkpoint is itself a network initialised from seed 0: another seed tells the two apart.
-    run(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--max-updates", "2", "--seed", "1",
-        checkpoint=f"random:{tiny_checkpoint}")
+    run_finetune(tmp_path, tones, "--group-column", "speaker", "--max-folds", "1", "--max-updates", "2",
+                 "--seed", "1", checkpoint=f"random:{checkpoint32}")
     saved = torch.load(tmp_path / "run" / "finetuned.pt", weights_only=True)
-    pretrained = torch.load(tiny_checkpoint, weights_only=True)
+    pretrained = torch.load(checkpoint32, weights_only=True)
     assert saved["backbone_config"] == pretrained["config"]
     assert not torch.equal(saved["model"]["backbone.encoder.layers.0.conv.weight"],
                            pretrained["model"]["encoder.layers.0.conv.weight"])
 
 
-# ----- user errors ---------------------------------------------------------------------------------
+# ----- label mistakes -----------------------------------------------------------------------------
 
 def test_one_class_is_a_clear_error(tmp_path, tones):
     with pytest.raises(UserError, match="at least two classes"):
-        run(tmp_path, tones, labels=r"pattern:(?P<label>300)hz_.*\.wav")
+        run_finetune(tmp_path, tones, labels=r"pattern:(?P<label>300)hz_.*\.wav")
 
 
 def test_files_outside_class_folders_are_a_clear_error(tmp_path):
     write_tone(tmp_path / "audio" / "a.wav", 300, 0.2, np.random.default_rng(0))
     with pytest.raises(UserError, match="sub-folder named after it"):
-        run(tmp_path, tmp_path / "audio", labels="folder")
+        run_finetune(tmp_path, tmp_path / "audio", labels="folder")
 
 
 def test_non_numeric_labels_for_regression_are_a_clear_error(tmp_path, tones):
     with pytest.raises(UserError, match="needs numeric labels.*hz_"):
-        run(tmp_path, tones, "--task", "regress", labels=r"pattern:(?P<label>\d+hz)_.*\.wav")
-
-
-def test_the_command_line_prints_one_line_and_exits_2(tmp_path, tones):
-    result = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--checkpoint", "mfcc", "--data-dir",
-                             str(tones), "--labels", "folder", "--output-dir", str(tmp_path / "out")],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: None of the 48 audio files") and "Traceback" not in result.stderr
-
-
-# ----- probe.py --task regress -------------------------------------------------------------------
-
-@pytest.mark.parametrize("regressor", ["ridge", "hgb"])
-def test_probe_regression_scores_a_continuous_target(regressor):
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((120, 6))
-    y = 3 * X[:, 0] - 2 * X[:, 1] + 0.1 * rng.standard_normal(120)
-    examples = probe.Examples(X, y, np.arange(120))
-    _, splits = probe.folds(examples, 4, seed=0, regress=True)
-    result = probe.fit_and_score_regression(X, y, splits, regressor)
-    assert result["pearson_r"] > 0.9 and result["mae"] < 1.0
-    assert set(result) >= {"mae", "rmse", "r2", "pearson_r", "spearman_rho"}
+        run_finetune(tmp_path, tones, "--task", "regress", labels=r"pattern:(?P<label>\d+hz)_.*\.wav")

@@ -1,4 +1,5 @@
-"""probe.py --suite fsdd (suite.py): every row and the plot, the single probe's numbers, caches, order."""
+"""suite.py fsdd: every row and the plot, the single probe's numbers, caches, order, checkpoints it cannot
+use."""
 
 import json
 from pathlib import Path
@@ -134,12 +135,6 @@ def test_a_folder_without_fsdd_names_is_one_clear_sentence(workspace, tmp_path):
     with pytest.raises(UserError, match="No FSDD-named files"):
         suite.select(suite.parse_args(["fsdd", "--data-dir", str(tmp_path), "--checkpoint", "x.pt",
                                        "--json", str(tmp_path / "o.json")]))
-
-
-def test_a_missing_data_folder_is_one_clear_sentence(tmp_path):
-    with pytest.raises(UserError, match="No folder .*nowhere: give --data-dir"):
-        suite.parse_args(["fsdd", "--data-dir", str(tmp_path / "nowhere"), "--checkpoint", "x.pt",
-                          "--json", str(tmp_path / "o.json")])
 
 
 def test_an_unreadable_checkpoint_is_one_clear_sentence(tmp_path):

@@ -1,28 +1,30 @@
-"""vis.py: every figure and table is written and readable, with labels from folders or a TSV, and user errors
-(a missing checkpoint, an unreadable file, a checkpoint without history) are handled without a trace."""
+"""vis.py: every figure and table is written and readable, with labels from folders, a TSV or a shortcut;
+checkpoints without history, fairseq's, unreadable audio and long files are handled."""
 
 import csv
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from scripts import REPO
 
 import vis
-from data import FRAME_HOP
 from demo import DEMO_LABELS, make_demo_corpus
-from features import MEL_BANDS, SPECTROGRAM_WINDOW, hz_to_mel, log_mel_spectrogram
 from labels import frame_label_names
-from model import UserError, Wav2Vec, Wav2VecConfig
+from model import Wav2Vec, Wav2VecConfig
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 NUM_SAMPLES = 2
+
+
 NEIGHBOURS = 3
+
+
 SUMMARY_FIGURES = ("loss_curves.png", "tsne.png", "pca.png", "similarity_heatmap.png", "self_similarity.png",
                    "nearest_neighbours.png")
 
@@ -152,17 +154,6 @@ def test_max_batches_counts_batches_of_batch_size_files(workspace, tmp_path):
     assert defaults.max_batches * defaults.batch_size >= 100  # 10 files per FSDD digit, not 2
 
 
-def test_an_unwritable_output_folder_is_refused_before_any_work(workspace, tmp_path):
-    (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="Cannot write to the output folder .*--output-dir"):
-        run_vis(workspace, tmp_path / "file" / "vis", checkpoint=tmp_path / "missing.pt")  # not loaded yet
-
-
-def test_an_invalid_label_pattern_is_one_sentence(workspace, tmp_path):
-    with pytest.raises(UserError, match="is not a valid regular expression"):
-        run_vis(workspace, tmp_path / "out", "--labels", r"pattern:(?P<label>\d")
-
-
 def test_labels_from_a_tsv_fill_the_same_label_column(workspace, tmp_path):
     out = run_vis(workspace, tmp_path / "out", "--labels", "labels.tsv", "--num-samples", "0")
     rows = read_neighbours(out)
@@ -200,24 +191,6 @@ def test_long_files_are_cut_to_max_seconds(workspace, tmp_path):
         sf.write(corpus / f"long{i}.wav", 0.1 * rng.standard_normal(3 * 16000).astype(np.float32), 16000)
     out = run_vis(workspace, tmp_path / "out", "--max-seconds", "1", "--num-samples", "0", data_dir=corpus)
     assert "196 frames (2.0 s of audio" in (out / "summary.txt").read_text()  # 98 frames per 16000 samples
-
-
-def test_missing_checkpoint_exits_2_with_one_error_line(workspace, tmp_path):
-    result = subprocess.run([sys.executable, "vis.py", "--checkpoint", str(tmp_path / "missing.pt"),
-                             "--data-dir", str(workspace["corpus"]), "--output-dir", str(tmp_path / "out")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error:")
-    assert "Traceback" not in result.stderr
-
-
-def test_log_mel_spectrogram_puts_a_tone_in_its_band():
-    seconds = np.arange(16000) / 16000
-    mel = log_mel_spectrogram(np.sin(2 * np.pi * 1000 * seconds).astype(np.float32))  # (bands, T)
-    assert mel.shape == (MEL_BANDS, 1 + (16000 - SPECTROGRAM_WINDOW) // FRAME_HOP)
-    loudest_band = int(np.argmax(mel.mean(axis=1)))
-    band_centre = (loudest_band + 1) / (MEL_BANDS + 1) * hz_to_mel(8000)  # equally spaced in mel
-    assert abs(band_centre - hz_to_mel(1000)) < hz_to_mel(8000) / MEL_BANDS
 
 
 def test_neighbour_agreement_is_complete_for_separated_labels_and_chance_counts_pairs():

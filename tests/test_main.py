@@ -1,10 +1,10 @@
-"""Pre-training (main.py): checkpoints, exact resume, accumulation, precision, DDP, signals and bad input.
+"""Pre-training (main.py): runs and their outputs, exact resume, accumulation, precision, budgets, the
+flags' defaults, torchrun and signals.
 
-Tiny configs on a small synthetic corpus; subprocesses only where a test needs a separate process
-(torchrun, SIGTERM, the command line's error text)."""
+Tiny configs on small synthetic corpora; subprocesses only where a test needs a separate process
+(torchrun, a signal to a process group)."""
 
 import contextlib
-import logging
 import math
 import os
 import shutil
@@ -19,16 +19,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from scripts import ONE_THREAD, REPO, load, run_script, short_run_flags, tiny_flags, train
 
+import bench
 import data
 import main
+import plots
 import training
 import utils
+import vis
+from data import CropDataset
 from demo import make_demo_corpus
 from model import UserError, Wav2Vec, Wav2VecConfig
-from training import lr_lambda, save_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
+from training import save_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +39,12 @@ def corpus(tmp_path_factory) -> Path:
     """10 files of 1 s (2 speakers); --valid-fraction 0.2 holds out 1, so an epoch is 4 batches of 2."""
     return make_demo_corpus(tmp_path_factory.mktemp("corpus"), num_speakers=2, files_per_speaker=5,
                             seconds_per_file=1.0)
+
+
+@pytest.fixture
+def fresh_corpus(tmp_path) -> Path:
+    """8 files of 1 s (2 speakers), made for one test: with --valid-fraction 0 an epoch is 4 batches of 2."""
+    return make_demo_corpus(tmp_path / "audio", num_speakers=2, files_per_speaker=4, seconds_per_file=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -46,31 +55,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data-dir", str(data_dir), "--output-dir", str(out), "--channels", "32", "--segment-length",
-            "6000", "--batch-size", "2", "--epochs", "2", "--log-every", "1", "--num-workers", "0",
-            "--valid-fraction", "0.2", "--save-every", "0", "--device", "cpu", "--warmup-updates", "0",
-            "--precision", "fp32", *extra]  # fp32: exact resumes and loss comparisons (auto is bf16 on AMX)
-
-
-def train(data_dir: Path, out: Path, *extra: str) -> dict:
-    """Train in this process; the checkpoint it leaves in latest.pt."""
-    main.train(main.parse_args(tiny_flags(data_dir, out, *extra)))
-    return load(out / "latest.pt")
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=ONE_THREAD)
 
 
 def train_losses(ckpt: dict) -> list[float]:
@@ -109,6 +93,115 @@ def test_best_model_is_the_epoch_with_the_lowest_validation_loss(corpus, tmp_pat
     assert (best_ckpt["step"], best_ckpt["best_valid_loss"]) == (best["step"], best["loss"])
     assert ckpt["best_valid_loss"] == best["loss"]
 
+
+def test_a_run_shorter_than_log_every_keeps_its_history_and_draws_loss_curves(fresh_corpus, tmp_path):
+    main.train(main.parse_args(short_run_flags(fresh_corpus, tmp_path / "run", "--max-updates", "3")))
+    history = vis.load_history(str(tmp_path / "run" / "latest.pt"))
+    assert [entry["step"] for entry in history["train"]] == [3]
+    plots.plot_loss_curves(history, Wav2VecConfig.preset("wav2vec", channels=16),
+                           tmp_path / "loss_curves.png")
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+
+
+def test_the_manifest_goes_to_cache_dir_and_never_into_the_data_folder(fresh_corpus, tmp_path):
+    main.train(main.parse_args(short_run_flags(fresh_corpus, tmp_path / "run", "--max-updates", "1")))
+    assert list((tmp_path / "run" / "cache").glob("*.tsv"))
+    assert not list(fresh_corpus.rglob(".wav2vec_manifest*"))
+    assert main.parse_args(["--data-dir", "x"]).cache_dir == str(Path.home() / ".cache" / "wav2vec")
+
+
+class SlowCrops(CropDataset):
+    def _read(self, item: int, start: int, length: int):
+        time.sleep(0.1)  # a loader far slower than the tiny model's step
+        return super()._read(item, start, length)
+
+
+def test_a_loader_slower_than_the_step_is_measured_and_named_with_its_remedies(fresh_corpus, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(data, "CropDataset", SlowCrops)
+    main.train(main.parse_args(short_run_flags(fresh_corpus, tmp_path / "run", "--max-updates", "4",
+                                               "--log-every", "1")))
+    text = (tmp_path / "run" / "train.log").read_text()
+    shares = [int(line.split("data wait ")[1].split("%")[0]) for line in text.splitlines()
+              if "data wait" in line]
+    assert len(shares) == 4 and min(shares[:3]) > 50  # the 4th update ends the epoch: nothing to fetch
+    assert text.count("the loader is the bottleneck") == 1
+    assert "--packed-dir" in text and "--num-workers (now 0" in text
+
+
+def test_two_accumulated_batches_make_the_same_update_as_one_double_batch(corpus, tmp_path):
+    unclipped = ("--max-updates", "1", "--clip-norm", "0")  # clipping would hide a gradient twice too big
+    double = train(corpus, tmp_path / "double", "--batch-size", "4", *unclipped)
+    accumulated = train(corpus, tmp_path / "accumulated", "--batch-size", "2", "--accumulate-steps", "2",
+                        *unclipped)
+    assert train_losses(accumulated) == pytest.approx(train_losses(double), rel=1e-6)
+    # After one AdamW update exp_avg is 0.1 x the gradient: compare the gradients themselves.
+    for state_double, state_accumulated in zip(double["optimizer"]["state"].values(),
+                                               accumulated["optimizer"]["state"].values(), strict=True):
+        # fp32 sums in a different order differ by rounding relative to the largest entry, not each entry.
+        scale = state_double["exp_avg"].abs().max().item()
+        torch.testing.assert_close(state_accumulated["exp_avg"], state_double["exp_avg"], rtol=1e-5,
+                                   atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(corpus, tmp_path, precision):
+    ckpt = train(corpus, tmp_path, "--precision", precision, "--max-updates", "3")
+    assert ckpt["step"] == 3 and all(math.isfinite(x) for x in train_losses(ckpt))
+    assert bool(ckpt["scaler"]) == (precision == "fp16")  # a loss scale only where fp16 needs one
+    assert all(p.dtype == torch.float32 for p in ckpt["model"].values())
+
+
+def test_time_budget_stops_the_run_after_validating_and_saving(corpus, tmp_path):
+    ckpt = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")  # 60 ms of 200 updates
+    assert 0 < ckpt["step"] < 200 and ckpt["train_seconds"] >= 0.06
+    assert "--max-minutes budget (0.001) is used up" in (tmp_path / "train.log").read_text()
+    assert ckpt["history"]["valid"][-1]["step"] == ckpt["step"]
+
+
+def test_non_finite_updates_are_skipped_and_a_long_streak_stops_the_run(tmp_path):
+    data_dir = tmp_path / "nan"
+    data_dir.mkdir()
+    for k in range(8):
+        wav = np.random.default_rng(k).standard_normal(6000).astype(np.float32) * 0.1
+        wav[::100] = 3e38  # finite samples (NaN ones are skipped as bad files) whose sums overflow
+        sf.write(data_dir / f"{k}.wav", wav, 16000, subtype="FLOAT")
+    with pytest.raises(UserError, match="not finite for 20 updates in a row") as error:
+        train(data_dir, tmp_path / "out", "--epochs", "100", "--log-every", "10", "--batch-size", "1",
+              "--valid-fraction", "0")  # 8 updates per epoch
+    assert "last good checkpoint" in str(error.value)
+    ckpt = load(tmp_path / "out" / "latest.pt")  # written at an epoch's end, during the streak
+    assert all(torch.isfinite(p).all() for p in ckpt["model"].values())  # every update was skipped
+
+
+def test_unreadable_and_truncated_audio_files_are_skipped(corpus, tmp_path):
+    data_dir = tmp_path / "corpus"
+    shutil.copytree(corpus, data_dir, ignore=shutil.ignore_patterns(".*"))
+    wavs = sorted(data_dir.rglob("*.wav"))
+    wavs[0].write_bytes(wavs[0].read_bytes()[:30])  # cut inside the header: unreadable when scanned
+    flac = wavs[1].with_suffix(".flac")  # a FLAC cut short still promises every frame: fails when read
+    sf.write(flac, sf.read(wavs[1])[0], 16000)
+    wavs[1].unlink()
+    flac.write_bytes(flac.read_bytes()[:flac.stat().st_size // 3])
+    ckpt = train(data_dir, tmp_path / "out", "--epochs", "2")
+    assert ckpt["step"] == 8 and all(math.isfinite(x) for x in train_losses(ckpt))
+    log_text = (tmp_path / "out" / "train.log").read_text()
+    assert f"Skipping {wavs[0]}: " in log_text
+    assert f"Skipping {flac} from now on: " in log_text
+
+
+def test_main_and_bench_set_the_backend_flags_through_one_function(backend_flags, monkeypatch, tmp_path):
+    calls = []
+    for module in (main, bench):
+        monkeypatch.setattr(module, "configure_backends", lambda device, threads=None: calls.append(device))
+    bench.main(["--what", "train", "--channels", "8", "--batch-size", "1", "--segment-length", "4000",
+                "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--device", "cpu"])
+    corpus = make_demo_corpus(tmp_path / "audio", num_speakers=1, files_per_speaker=4, seconds_per_file=1.0)
+    main.train(main.parse_args(short_run_flags(corpus, tmp_path / "run", "--max-updates", "1")))
+    assert calls == [torch.device("cpu")] * 2
+
+
+# ----- resume -------------------------------------------------------------------------------------
 
 def test_stopped_and_resumed_run_follows_the_uninterrupted_one(corpus, tmp_path, monkeypatch):
     straight = train(corpus, tmp_path / "straight", "--max-updates", "7")
@@ -204,28 +297,41 @@ def test_resume_with_only_the_output_dir_continues_with_the_runs_own_flags(corpu
     assert "Flags changed since the checkpoint: --max-updates 2 -> 3" in (tmp_path / "train.log").read_text()
 
 
-def test_two_accumulated_batches_make_the_same_update_as_one_double_batch(corpus, tmp_path):
-    unclipped = ("--max-updates", "1", "--clip-norm", "0")  # clipping would hide a gradient twice too big
-    double = train(corpus, tmp_path / "double", "--batch-size", "4", *unclipped)
-    accumulated = train(corpus, tmp_path / "accumulated", "--batch-size", "2", "--accumulate-steps", "2",
-                        *unclipped)
-    assert train_losses(accumulated) == pytest.approx(train_losses(double), rel=1e-6)
-    # After one AdamW update exp_avg is 0.1 x the gradient: compare the gradients themselves.
-    for state_double, state_accumulated in zip(double["optimizer"]["state"].values(),
-                                               accumulated["optimizer"]["state"].values(), strict=True):
-        # fp32 sums in a different order differ by rounding relative to the largest entry, not each entry.
-        scale = state_double["exp_avg"].abs().max().item()
-        torch.testing.assert_close(state_accumulated["exp_avg"], state_double["exp_avg"], rtol=1e-5,
-                                   atol=1e-6 * scale)
+def test_a_resumed_run_counts_the_time_already_spent(corpus, tmp_path):
+    first = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")
+    again = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001", "--resume")
+    assert again["step"] == first["step"]  # the budget was already spent
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_on_cpu(corpus, tmp_path, precision):
-    ckpt = train(corpus, tmp_path, "--precision", precision, "--max-updates", "3")
-    assert ckpt["step"] == 3 and all(math.isfinite(x) for x in train_losses(ckpt))
-    assert bool(ckpt["scaler"]) == (precision == "fp16")  # a loss scale only where fp16 needs one
-    assert all(p.dtype == torch.float32 for p in ckpt["model"].values())
+def test_resume_refuses_a_model_flag_that_differs_in_one_sentence_naming_it(corpus, tmp_path):
+    train(corpus, tmp_path, "--max-updates", "1")
+    with pytest.raises(UserError, match="^--channels cannot change .* trained with --channels 32, so resume "
+                                        "without it"):
+        main.parse_args(["--output-dir", str(tmp_path), "--resume", "--channels", "64"])
 
+
+def test_resuming_a_run_from_before_skip_connections_were_the_default_names_the_flag_it_needs(corpus,
+                                                                                            tmp_path):
+    train(corpus, tmp_path, "--max-updates", "1", "--no-skip-connections")
+    ckpt = load(tmp_path / "latest.pt")
+    ckpt["args"]["skip_connections"] = None  # the flag's value in such runs: the default, then no skips
+    save_checkpoint(ckpt, tmp_path / "latest.pt")
+    with pytest.raises(UserError, match="skip_connections: saved False, now True.*--no-skip-connections"):
+        train(corpus, tmp_path, "--resume")
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(UserError, match="--resume found no checkpoint"):
+        train(corpus, tmp_path, "--resume")
+
+
+def test_starting_over_an_existing_run_needs_resume(corpus, tmp_path):
+    train(corpus, tmp_path, "--max-updates", "1")
+    with pytest.raises(UserError, match="already holds a run"):
+        train(corpus, tmp_path, "--max-updates", "1")
+
+
+# ----- flags and their defaults -------------------------------------------------------------------
 
 def test_fp16_alias_selects_fp16():
     assert main.parse_args(["--data-dir", "x", "--fp16"]).precision == "fp16"
@@ -238,78 +344,6 @@ def test_the_default_model_is_the_base_layout_at_128_channels():
     assert [k for _, k, _ in config.context_layers] == [k for _, k, _ in base.context_layers]
     paper = main.build_config(main.parse_args(["--data-dir", "x", "--model", "wav2vec"]))
     assert paper.context_layers == base.context_layers and paper.encoder_layers == base.encoder_layers
-
-
-def test_demo_defaults_give_way_to_explicit_flags():
-    args = main.parse_args(["--demo", "--channels", "48"])
-    assert args.channels == 48 and args.segment_length == main.DEMO_DEFAULTS["segment_length"]
-    assert args.data_dir == str(main.DEMO_DIR)
-
-
-@pytest.mark.parametrize(("has_bf16", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_demo_uses_bf16_only_on_a_cpu_that_computes_it_in_hardware(monkeypatch, has_bf16, expected):
-    monkeypatch.setattr(utils, "cpu_has_half_instructions", lambda precision: has_bf16)
-    args = main.parse_args(["--demo", "--device", "cpu"])
-    assert utils.resolve_precision(args.precision, torch.device(args.device)) == expected
-
-
-def test_bf16_on_a_cpu_without_bf16_instructions_warns_to_use_fp32(monkeypatch, caplog):
-    monkeypatch.setattr(utils, "cpu_has_half_instructions", lambda precision: False)
-    with caplog.at_level(logging.WARNING):
-        utils.autocast_context(torch.device("cpu"), "bf16")
-    assert "use --precision fp32" in caplog.text
-
-
-def test_time_budget_stops_the_run_after_validating_and_saving(corpus, tmp_path):
-    ckpt = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")  # 60 ms of 200 updates
-    assert 0 < ckpt["step"] < 200 and ckpt["train_seconds"] >= 0.06
-    assert "--max-minutes budget (0.001) is used up" in (tmp_path / "train.log").read_text()
-    assert ckpt["history"]["valid"][-1]["step"] == ckpt["step"]
-
-
-def test_a_resumed_run_counts_the_time_already_spent(corpus, tmp_path):
-    first = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001")
-    again = train(corpus, tmp_path, "--epochs", "50", "--max-minutes", "0.001", "--resume")
-    assert again["step"] == first["step"]  # the budget was already spent
-
-
-def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkeypatch):
-    now = [0.0]
-    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
-    progress = training.Progress(train_seconds=150.0)  # resumed 30 s into its third minute
-    clock = training.TrainingClock(progress, max_minutes=10, save_every_minutes=1)
-    due = []
-    for second in range(0, 500, 10):
-        now[0] = second
-        clock.tick()
-        due += [progress.train_seconds] if clock.save_due() else []
-    assert due == [180.0, 240.0, 300.0, 360.0, 420.0, 480.0, 540.0, 600.0]
-    assert clock.out_of_time and progress.train_seconds == 640.0
-
-
-def collapse_watch(**config) -> training.CollapseWatch:
-    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=8, **config))
-    return training.CollapseWatch(model, patience=100)
-
-
-def test_a_loss_stuck_at_its_collapsed_value_warns_once_after_patience_updates():
-    watch = collapse_watch()
-    stuck = watch.collapsed_loss + 1e-4
-    warnings = [watch.add(step, loss, updates=20) for step, loss in enumerate([3.40] + [stuck] * 4 + [3.0]
-                                                                              + [stuck] * 12)]
-    assert [i for i, w in enumerate(warnings) if w] == [10]  # 5 x 20 updates after the reset at 5
-    assert "for 100 updates (step 10)" in warnings[10]
-
-
-@pytest.mark.parametrize("config, named, not_named", [
-    ({}, ["--loss-type infonce", "--warmup-updates"], ["--skip-connections"]),
-    ({"skip_connections": False}, ["--skip-connections", "--loss-type infonce"], []),
-    ({"loss_type": "infonce"}, ["--warmup-updates"], ["--loss-type infonce", "--skip-connections"]),
-])
-def test_the_collapse_warning_names_only_remedies_not_in_use(config, named, not_named):
-    watch = collapse_watch(**config)
-    warning = watch.add(0, watch.collapsed_loss, updates=100)
-    assert all(flag in warning for flag in named) and not any(flag in warning for flag in not_named)
 
 
 def test_skip_connections_follow_the_preset_unless_a_flag_says_otherwise():
@@ -326,38 +360,41 @@ def test_norm_follows_the_preset_unless_a_flag_says_otherwise():
     assert norm("--model", "wav2vec_tiny", "--norm", "group") == "group"
 
 
-def test_non_finite_updates_are_skipped_and_a_long_streak_stops_the_run(tmp_path):
-    data_dir = tmp_path / "nan"
-    data_dir.mkdir()
-    for k in range(8):
-        wav = np.random.default_rng(k).standard_normal(6000).astype(np.float32) * 0.1
-        wav[::100] = 3e38  # finite samples (NaN ones are skipped as bad files) whose sums overflow
-        sf.write(data_dir / f"{k}.wav", wav, 16000, subtype="FLOAT")
-    with pytest.raises(UserError, match="not finite for 20 updates in a row") as error:
-        train(data_dir, tmp_path / "out", "--epochs", "100", "--log-every", "10", "--batch-size", "1",
-              "--valid-fraction", "0")  # 8 updates per epoch
-    assert "last good checkpoint" in str(error.value)
-    ckpt = load(tmp_path / "out" / "latest.pt")  # written at an epoch's end, during the streak
-    assert all(torch.isfinite(p).all() for p in ckpt["model"].values())  # every update was skipped
+def test_demo_defaults_give_way_to_explicit_flags():
+    args = main.parse_args(["--demo", "--channels", "48"])
+    assert args.channels == 48 and args.segment_length == main.DEMO_DEFAULTS["segment_length"]
+    assert args.data_dir == str(main.DEMO_DIR)
 
 
-def test_unreadable_and_truncated_audio_files_are_skipped(corpus, tmp_path):
-    data_dir = tmp_path / "corpus"
-    shutil.copytree(corpus, data_dir, ignore=shutil.ignore_patterns(".*"))
-    wavs = sorted(data_dir.rglob("*.wav"))
-    wavs[0].write_bytes(wavs[0].read_bytes()[:30])  # cut inside the header: unreadable when scanned
-    flac = wavs[1].with_suffix(".flac")  # a FLAC cut short still promises every frame: fails when read
-    sf.write(flac, sf.read(wavs[1])[0], 16000)
-    wavs[1].unlink()
-    flac.write_bytes(flac.read_bytes()[:flac.stat().st_size // 3])
-    ckpt = train(data_dir, tmp_path / "out", "--epochs", "2")
-    assert ckpt["step"] == 8 and all(math.isfinite(x) for x in train_losses(ckpt))
-    log_text = (tmp_path / "out" / "train.log").read_text()
-    assert f"Skipping {wavs[0]}: " in log_text
-    assert f"Skipping {flac} from now on: " in log_text
+@pytest.mark.parametrize(("has_bf16", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_demo_uses_bf16_only_on_a_cpu_that_computes_it_in_hardware(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(utils, "cpu_has_half_instructions", lambda precision: has_bf16)
+    args = main.parse_args(["--demo", "--device", "cpu"])
+    assert utils.resolve_precision(args.precision, torch.device(args.device)) == expected
 
 
-# ----- distributed and signals (separate processes) -----------------------------------------------
+@pytest.mark.parametrize("offset", ["auto", 1])
+def test_the_shortest_crop_allowed_gives_a_finite_loss(offset):
+    args = main.parse_args(["--data-dir", "d", "--channels", "16", "--num-steps", "1", "--offset",
+                            str(offset), "--segment-length", "945" if offset == "auto" else "625"])
+    model = Wav2Vec(main.build_config(args))
+    loss, _ = model(torch.randn(2, args.segment_length))
+    assert torch.isfinite(loss)
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_of():
+    args = main.parse_args(["--data-dir", "d", "--max-updates", "10", "--warmup-updates", "50"])
+    (warning,) = main.flag_warnings(args)
+    assert warning.startswith("--warmup-updates 50 is longer than --max-updates 10")
+    assert not main.flag_warnings(main.parse_args(["--data-dir", "d", "--max-updates", "50"]))
+
+
+def test_the_default_loader_workers_fit_the_machine(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert main.build_parser().parse_args([]).num_workers == 1  # 2 CPUs: no "might freeze" warning
+
+
+# ----- torchrun and signals (separate processes) --------------------------------------------------
 
 def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_one_process_continues(corpus, tmp_path):
     result = subprocess.run(
@@ -497,98 +534,3 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp
     assert (ckpt["step"], ckpt["epoch"], ckpt["crops_in_epoch"]) == (4, 1, 0)  # the end of epoch 0
     assert "Stopped by a signal to another rank at step 4" in (tmp_path / "train.log").read_text()
     assert "SIGTERM received" in (tmp_path / "rank1" / "stderr.txt").read_text()
-
-
-def test_the_same_signal_twice_in_a_second_is_one_stop_request_and_a_later_one_stops_at_once(monkeypatch):
-    # killpg reaches a rank, then torchrun's agent forwards the same stop to it milliseconds later.
-    now = [100.0]
-    monkeypatch.setattr(training.time, "monotonic", lambda: now[0])
-    with training.StopRequest() as stop:
-        stop.graceful = True
-        os.kill(os.getpid(), signal.SIGTERM)
-        now[0] += 0.05
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signal_name == "SIGTERM"
-        now[0] += 2
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-# ----- bad input ----------------------------------------------------------------------------------
-
-def test_corrupt_latest_checkpoint_on_resume_is_one_clear_error_line(corpus, tmp_path):
-    (tmp_path / "latest.pt").write_bytes(b"this is not a checkpoint")
-    result = run_script("main.py", *tiny_flags(corpus, tmp_path, "--resume"))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'latest.pt'} is corrupt")
-
-
-def test_resume_refuses_a_model_flag_that_differs_in_one_sentence_naming_it(corpus, tmp_path):
-    train(corpus, tmp_path, "--max-updates", "1")
-    with pytest.raises(UserError, match="^--channels cannot change .* trained with --channels 32, so resume "
-                                        "without it"):
-        main.parse_args(["--output-dir", str(tmp_path), "--resume", "--channels", "64"])
-
-
-def test_resuming_a_run_from_before_skip_connections_were_the_default_names_the_flag_it_needs(corpus,
-                                                                                            tmp_path):
-    train(corpus, tmp_path, "--max-updates", "1", "--no-skip-connections")
-    ckpt = load(tmp_path / "latest.pt")
-    ckpt["args"]["skip_connections"] = None  # the flag's value in such runs: the default, then no skips
-    save_checkpoint(ckpt, tmp_path / "latest.pt")
-    with pytest.raises(UserError, match="skip_connections: saved False, now True.*--no-skip-connections"):
-        train(corpus, tmp_path, "--resume")
-
-
-def test_resume_without_a_checkpoint_is_a_clear_error(corpus, tmp_path):
-    with pytest.raises(UserError, match="--resume found no checkpoint"):
-        train(corpus, tmp_path, "--resume")
-
-
-def test_starting_over_an_existing_run_needs_resume(corpus, tmp_path):
-    train(corpus, tmp_path, "--max-updates", "1")
-    with pytest.raises(UserError, match="already holds a run"):
-        train(corpus, tmp_path, "--max-updates", "1")
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "10"], "fewer than one batch"),
-    (["--accumulate-steps", "5"], "One update needs 5 batches"),
-    (["--sample-rate", "8000"], "--sample-rate must be 16000"),
-])
-def test_impossible_settings_are_clear_errors(corpus, tmp_path, flags, message):
-    with pytest.raises(UserError, match=message):
-        train(corpus, tmp_path, *flags)
-
-
-def test_missing_data_folder_and_unwritable_output_folder_are_clear_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        train(tmp_path / "nowhere", tmp_path / "out")
-    (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="Cannot write to the output folder"):
-        train(tmp_path, tmp_path / "file" / "out")
-    with pytest.raises(UserError, match="--data-dir DIR"):
-        main.parse_args([])
-
-
-# ----- helpers ------------------------------------------------------------------------------------
-
-def test_learning_rate_warms_up_from_about_zero_then_follows_a_cosine_to_the_floor():
-    factor = lr_lambda("cosine", warmup=10, total=110, min_ratio=0.01)
-    assert factor(0) < 0.1 and factor(9) < factor(10) == pytest.approx(1.0)
-    assert factor(60) == pytest.approx(0.505) and factor(110) == factor(500) == pytest.approx(0.01)
-    assert lr_lambda("constant", warmup=0, total=110, min_ratio=0.01)(100) == 1.0
-
-
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    path = tmp_path / "latest.pt"
-    save_checkpoint({"step": 1}, path)
-
-    def crash(payload, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        save_checkpoint({"step": 2}, path)
-    assert load(path) == {"step": 1}

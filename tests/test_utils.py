@@ -1,0 +1,64 @@
+"""The command-line edge shared by every script (utils.py): precision chosen by the hardware, one set of
+backend flags, --threads."""
+
+import logging
+
+import pytest
+import threadpoolctl
+import torch
+
+import extract
+import main
+import probe
+import utils
+import vis
+
+# ----- precision and backend flags ----------------------------------------------------------------
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_demo_uses_bf16_only_on_a_gpu_that_computes_it_in_hardware(monkeypatch, capability, expected):
+    # torch.cuda.is_bf16_supported() counts emulation: True on a V100 (7.0) or T4 (7.5).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert utils.fast_precision(torch.device("cuda")) == expected
+
+
+def test_bf16_on_a_gpu_that_emulates_it_warns_to_use_fp16(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with caplog.at_level(logging.WARNING):
+        utils.autocast_context(torch.device("cuda"), "bf16")
+    assert "no bf16 hardware" in caplog.text and "--precision fp16" in caplog.text
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_to_use_fp32(monkeypatch, caplog):
+    monkeypatch.setattr(utils, "cpu_has_half_instructions", lambda precision: False)
+    with caplog.at_level(logging.WARNING):
+        utils.autocast_context(torch.device("cpu"), "bf16")
+    assert "use --precision fp32" in caplog.text
+
+
+def test_on_cuda_convolutions_may_use_tf32_but_the_objectives_matmuls_stay_fp32(backend_flags):
+    torch.backends.cuda.matmul.allow_tf32 = True  # as main.py used to set it
+    torch.backends.cudnn.allow_tf32 = False
+    utils.configure_backends(torch.device("cuda"))
+    assert not torch.backends.cuda.matmul.allow_tf32  # step projections and scores
+    assert torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.benchmark
+
+
+# ----- --threads ----------------------------------------------------------------------------------
+
+def test_every_entry_script_takes_threads(demo_corpus, checkpoint16, tmp_path):
+    torch.set_num_threads(2)
+    extract.main(["--checkpoint", str(checkpoint16), "--data-dir", str(demo_corpus), "--output",
+                  str(tmp_path / "f.npz"), "--pool", "mean", "--threads", "1", "--device", "cpu"])
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    probe.main(["--data-dir", str(demo_corpus), "--labels", "folder", "--checkpoint", str(checkpoint16),
+                "--folds", "2", "--json", str(tmp_path / "p.json"), "--threads", "1", "--device", "cpu"])
+    assert torch.get_num_threads() == 1
+    assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}  # NumPy's BLAS too
+    for script in (vis, main):
+        assert script.parse_args(["--data-dir", str(demo_corpus), "--threads", "1"]).threads == 1
