@@ -92,6 +92,7 @@ def test_an_unwritable_packed_folder_is_refused_before_the_corpus_is_scanned(dem
         main.train(args)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_on_resume_is_one_clear_error_line(demo_corpus, tmp_path):
     (tmp_path / "latest.pt").write_bytes(b"this is not a checkpoint")
     result = run_script("main.py", *tiny_flags(demo_corpus, tmp_path, "--resume"))
@@ -125,6 +126,7 @@ def test_an_invalid_label_pattern_is_one_sentence_not_a_trace(demo_corpus, tmp_p
                     r"pattern:(?P<label>\d", "--json", str(tmp_path / "p.json")])
 
 
+@pytest.mark.slow
 def test_a_folder_with_one_class_exits_with_a_clear_error(tmp_path):
     write_tone(tmp_path / "only" / "a.wav", 440)
     write_tone(tmp_path / "only" / "b.wav", 880)
@@ -143,6 +145,7 @@ def test_a_missing_data_folder_is_one_clear_sentence(tmp_path):
 
 # ----- finetune.py --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_command_line_prints_one_line_and_exits_2(tmp_path, tones):
     result = run_script("finetune.py", "--checkpoint", "mfcc", "--data-dir", str(tones), "--labels", "folder",
                         "--output-dir", str(tmp_path / "out"))
@@ -181,6 +184,7 @@ def test_an_invalid_label_pattern_is_one_sentence(demo_corpus, checkpoint16, tmp
                   str(tmp_path / "out"), "--device", "cpu", "--labels", r"pattern:(?P<label>\d"])
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_exits_2_with_one_error_line(demo_corpus, tmp_path):
     result = run_script("vis.py", "--checkpoint", str(tmp_path / "missing.pt"), "--data-dir",
                         str(demo_corpus), "--output-dir", str(tmp_path / "out"))
@@ -206,6 +210,7 @@ def test_a_fine_tuned_model_cannot_be_exported_as_a_stream(tmp_path):
         export.main(["--checkpoint", str(checkpoint), "--streaming", "--output", str(tmp_path / "x.onnx")])
 
 
+@pytest.mark.slow
 def test_loader_without_a_data_folder_is_one_error_line_and_exit_code_2():
     run = run_script("bench.py", "--what", "loader", timeout=60)
     assert run.returncode == 2

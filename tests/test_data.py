@@ -399,6 +399,7 @@ def test_a_resume_point_in_crops_serves_the_rest_of_the_epoch_whatever_the_numbe
     assert [len(sampler) for sampler in ranks] == [len(keys) for keys in served]
 
 
+@pytest.mark.slow
 def test_the_loader_gives_the_same_batches_whatever_the_worker_count(tmp_path):
     make_demo_corpus(tmp_path, num_speakers=2, files_per_speaker=3, seconds_per_file=1.0)
     ds = CropDataset(tmp_path, build_manifest(tmp_path), segment_length=4000, transforms=True)
@@ -425,6 +426,7 @@ class WorkerRandom(Dataset):
         return torch.tensor([np.random.random(), torch.utils.data.get_worker_info().id])
 
 
+@pytest.mark.slow
 def test_each_worker_is_seeded_differently_and_reproducibly():
     def draws(seed):
         loader = make_loader(WorkerRandom(), EpochSampler(4, shuffle=False), 1, num_workers=2, seed=seed)
@@ -490,6 +492,7 @@ def run_in_own_group(script: str) -> subprocess.CompletedProcess:
                           timeout=60, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_group_signal_while_loader_workers_start_reaches_the_main_process_only():
     # A worker forked just before it ignores the signal used to die of it: "DataLoader worker killed".
     result = run_in_own_group(SIGNAL_AS_WORKERS_START)
@@ -497,6 +500,7 @@ def test_a_group_signal_while_loader_workers_start_reaches_the_main_process_only
     assert result.stdout.strip() == "4 ['SIGTERM']"  # every batch served, the signal taken once
 
 
+@pytest.mark.slow
 def test_loader_workers_still_running_at_exit_do_not_hold_the_process_up():
     # The workers ignore SIGTERM, so multiprocessing's exit hook (terminate, then join) used to wait forever.
     script = LOADER_SCRIPT + "batches = iter(loader)\nnext(batches)\nsys.exit(3)\n"

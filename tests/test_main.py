@@ -47,16 +47,6 @@ def fresh_corpus(tmp_path) -> Path:
     return make_demo_corpus(tmp_path / "audio", num_speakers=2, files_per_speaker=4, seconds_per_file=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that
-    wait for each other make steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_losses(ckpt: dict) -> list[float]:
     return [entry["loss"] for entry in ckpt["history"]["train"]]
 
@@ -396,6 +386,7 @@ def test_the_default_loader_workers_fit_the_machine(monkeypatch):
 
 # ----- torchrun and signals (separate processes) --------------------------------------------------
 
+@pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_one_process_continues(corpus, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py",
@@ -441,6 +432,7 @@ def stop_group(process: subprocess.Popen, sig: signal.Signals, timeout: float) -
     return code, time.monotonic() - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2, 4])
 def test_sigterm_to_the_process_group_saves_the_last_update_and_the_run_resumes(corpus, tmp_path, workers):
     # The loader workers get the signal too; a worker it kills used to fail the run without saving it.
@@ -460,6 +452,7 @@ def test_sigterm_to_the_process_group_saves_the_last_update_and_the_run_resumes(
     assert resumed["step"] == ckpt["step"] + 1
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_is_announced_once_not_once_per_loader_worker(corpus, tmp_path):
     flags = tiny_flags(corpus, tmp_path, "--epochs", "1000", "--num-workers", "2")
     process = start_training(tmp_path, *flags)
@@ -468,6 +461,7 @@ def test_one_ctrl_c_is_announced_once_not_once_per_loader_worker(corpus, tmp_pat
     assert (tmp_path / "train.log").read_text().count("SIGINT received") == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_demo_corpus_is_synthesised_stops_at_once_and_leaves_no_run(tmp_path):
     out = tmp_path / "checkpoints"
     process = start_training(out, "--demo", "--output-dir", str(out), cwd=tmp_path,
@@ -490,6 +484,7 @@ main.run_cli(main.main)
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_corpus_is_packed_stops_at_once_and_leaves_no_run(corpus, tmp_path):
     result = run_script("-c", INTERRUPT_PACKING, *tiny_flags(corpus, tmp_path, "--packed-dir",
                                                              str(tmp_path / "packed")))
@@ -516,6 +511,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp_path):
     # Before the vote, the signalled rank left at the epoch's end and the other waited for it forever.
     env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}

@@ -17,6 +17,7 @@ from training import lr_lambda, save_checkpoint
 
 # ----- distributed set-up -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ranks_wait_for_the_preparation_outside_the_default_group_node_by_node(tmp_path):
     # Ranks 0 and 1 on one node, rank 2 alone (its local rank 0) on another without a shared disk.
     with socket.socket() as s:
@@ -90,6 +91,7 @@ def test_the_collapse_warning_names_only_remedies_not_in_use(config, named, not_
     assert all(flag in warning for flag in named) and not any(flag in warning for flag in not_named)
 
 
+@pytest.mark.slow
 def test_the_same_signal_twice_in_a_second_is_one_stop_request_and_a_later_one_stops_at_once(monkeypatch):
     # killpg reaches a rank, then torchrun's agent forwards the same stop to it milliseconds later.
     now = [100.0]
