@@ -25,7 +25,6 @@ import multiprocessing
 import os
 import random
 import signal
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
@@ -39,7 +38,7 @@ from scipy.signal import firwin, resample_poly
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from utils import UserError
+from utils import UserError, temporary_beside
 
 logger = logging.getLogger(__name__)
 
@@ -295,16 +294,6 @@ def _read_manifest(path: Path) -> dict[str, ManifestEntry]:
         logger.warning("Ignoring the unreadable manifest %s (%s); rescanning.", path, error)
         return {}
     return {e.path: e for e in entries}
-
-
-def temporary_beside(path: Path) -> Path:
-    """A new empty file in path's folder, for writing `path` atomically (write it, then os.replace). Its
-    name is unique even among processes on several machines that share the folder (O_EXCL), unlike a
-    fixed name or one made from the process id."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    open(tmp, "x").close()  # the umask's permissions, unlike tempfile.mkstemp's 0600
-    return tmp
 
 
 def _write_manifest(entries: Sequence[ManifestEntry], locations: Sequence[Path]) -> Path | None:

@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -245,3 +246,12 @@ def ensure_writable_file(path: Path, flag: str) -> None:
         except OSError as err:
             raise UserError(f"Cannot write to {path} ({err.strerror or err}): "
                             f"choose a writable {flag}.") from None
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty file in path's folder, for writing `path` atomically (write it, then os.replace). Its
+    name is unique even among processes on several machines that share the folder (O_EXCL), unlike a
+    fixed name or one made from the process id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    open(tmp, "x").close()  # the umask's permissions, unlike tempfile.mkstemp's 0600
+    return tmp

@@ -92,3 +92,18 @@ def test_bench_names_its_flags_as_main_does():
     assert (args.model, args.packed_dir) == ("wav2vec_large", Path("packed"))
     with pytest.raises(SystemExit):
         bench.parse_args(["--preset", "wav2vec"])
+
+
+def test_channels_follow_the_preset_so_the_small_model_is_benchmarked_at_128():
+    assert bench.parse_args(["--model", "wav2vec_small", "--channels", "16"]).channels == 16
+    result = bench.main(["--what", "train", "--model", "wav2vec_small", "--batch-size", "2",
+                         "--segment-length", "4000", "--repeats", "1", "--warmup", "0",
+                         "--matmul-size", "128", "--device", "cpu"])
+    assert result["channels"] == 128
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec_small"))
+    assert result["flops_per_step"] == 3 * 2 * sum(model.forward_flops(4000).values())
+
+
+def test_the_old_use_transforms_flag_still_turns_augmentation_on_and_warns(capsys):
+    assert bench.parse_args(["--use-transforms"]).augment
+    assert "warning: --use-transforms is now --augment" in capsys.readouterr().err

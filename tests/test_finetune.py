@@ -166,3 +166,12 @@ def test_files_outside_class_folders_are_a_clear_error(tmp_path):
 def test_non_numeric_labels_for_regression_are_a_clear_error(tmp_path, tones):
     with pytest.raises(UserError, match="needs numeric labels.*hz_"):
         run_finetune(tmp_path, tones, "--task", "regress", labels=r"pattern:(?P<label>\d+hz)_.*\.wav")
+
+
+# ----- renamed flags --------------------------------------------------------------------------------
+
+def test_the_old_min_lr_ratio_flag_still_sets_the_floor_and_warns(capsys):
+    args = finetune.parse_train_args(["--checkpoint", "mfcc", "--data-dir", "d", "--labels", "folder",
+                                      "--lr", "1e-2", "--min-lr-ratio", "0.1"])
+    assert args.min_lr == pytest.approx(1e-3)
+    assert "warning: --min-lr-ratio R is now --min-lr" in capsys.readouterr().err

@@ -327,6 +327,11 @@ def test_fp16_alias_selects_fp16():
     assert main.parse_args(["--data-dir", "x", "--fp16"]).precision == "fp16"
 
 
+def test_the_old_use_transforms_flag_still_turns_augmentation_on_and_warns(capsys):
+    assert main.parse_args(["--data-dir", "x", "--use-transforms"]).augment
+    assert "warning: --use-transforms is now --augment" in capsys.readouterr().err
+
+
 def test_the_default_model_is_the_base_layout_at_128_channels():
     config = main.build_config(main.parse_args(["--data-dir", "x"]))
     base = Wav2VecConfig.preset("wav2vec")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from audio import write_tone
+from scripts import run_script
 from weights import save_weights
 
 import probe
@@ -119,3 +120,18 @@ def test_frame_level_probe_reads_the_demo_corpus_frame_labels(tmp_path):
     result = json.loads(out.read_text())
     assert result["n_examples"] == 300 and result["evaluation"] == "5-fold by file"
     assert result["n_classes"] >= 3 and result["accuracy"] > 0.5  # silence, vowels, fricatives
+
+
+# ----- renamed flags --------------------------------------------------------------------------------
+
+def test_the_old_features_flag_still_names_the_checkpoint_and_warns(capsys):
+    args = probe.parse_args(["--data-dir", ".", "--labels", "folder", "--features", "mfcc"])
+    assert args.checkpoint == "mfcc"
+    assert "warning: --features is now --checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_probe_suite_still_runs_the_suite_and_warns():
+    result = run_script("probe.py", "--suite", "fsdd", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: suite.py ")  # suite.py's own help
+    assert "warning: probe.py --suite is now python suite.py" in result.stderr

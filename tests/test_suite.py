@@ -8,25 +8,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from audio import write_fsdd
 
 import probe
 import suite
 from demo import make_demo_corpus
 from model import UserError, Wav2Vec, Wav2VecConfig
-
-
-def write_fsdd(folder: Path) -> Path:
-    """A tiny FSDD-like folder: 2 digits (a low and a high tone) x 3 speakers (a pitch shift) x repetitions
-    0, 1 (official test) and 5, 6 (official train), 0.3 s at 8 kHz like FSDD."""
-    folder.mkdir(parents=True, exist_ok=True)
-    t = np.arange(2400) / 8000
-    for digit, hz in ((0, 300.0), (1, 1500.0)):
-        for s, speaker in enumerate(("ann", "bob", "cy")):
-            for index in (0, 1, 5, 6):
-                rng = np.random.default_rng((digit, s, index))
-                wav = 0.3 * np.sin(2 * np.pi * hz * (1 + 0.05 * s) * t) + 0.02 * rng.standard_normal(len(t))
-                sf.write(folder / f"{digit}_{speaker}_{index}.wav", wav, 8000)
-    return folder
 
 
 def write_checkpoint(path: Path, train_seconds: float | None, seed: int = 0) -> Path:
@@ -146,3 +133,9 @@ def test_an_unreadable_checkpoint_is_one_clear_sentence(tmp_path):
 def test_a_folder_without_checkpoints_is_one_clear_sentence(tmp_path):
     with pytest.raises(UserError, match="holds no checkpoint_<step>.pt or latest.pt"):
         suite.checkpoint_paths([str(tmp_path)])
+
+
+def test_the_old_features_flag_still_names_the_checkpoints_and_warns(tmp_path, capsys):
+    args = suite.parse_args(["fsdd", "--data-dir", str(tmp_path), "--features", "a.pt", "b.pt"])
+    assert args.checkpoint == ["a.pt", "b.pt"]
+    assert "warning: --features is now --checkpoint" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from audio import write_fsdd
 from scripts import REPO
 
 import vis
@@ -160,6 +161,17 @@ def test_labels_from_a_tsv_fill_the_same_label_column(workspace, tmp_path):
     assert {row["query_label"] for row in rows} == {"speaker00", "speaker01", "speaker02"}
     assert {row["same_label"] for row in rows} <= {"True", "False"}
     assert "within a label versus" in (out / "summary.txt").read_text()
+
+
+def test_the_fsdd_digit_shortcut_colours_fsdd_files_by_digit(workspace, tmp_path):
+    # --labels takes the label shortcuts as probe.py does: fsdd-digit used to be read as the path of a TSV.
+    fsdd = write_fsdd(tmp_path / "fsdd")
+    out = run_vis(workspace, tmp_path / "out", "--labels", "fsdd-digit", "--num-samples", "0",
+                  "--no-random-reference", data_dir=fsdd)
+    rows = read_neighbours(out)
+    assert {row["query_label"] for row in rows} == {"0", "1"}
+    assert all(row["same_label"] == str(row["query"][0] == row["neighbour"][0]) for row in rows)
+    assert "files grouped by label" in (out / "index.html").read_text()
 
 
 def test_checkpoint_without_history_still_draws_everything_else(workspace, tmp_path):
