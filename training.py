@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from data import STOP_SIGNALS
 from model import Wav2Vec, read_checkpoint
 from utils import UserError, ensure_writable_dir, resolve_device, setup_logging
 
@@ -201,7 +202,7 @@ class StopRequest:
     so the first signal already stops at once. Use as a context manager: the previous handlers come back
     on exit."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS  # the ones the loader workers leave to the main process
     # One stop can arrive twice: under torchrun, Ctrl-C or a scheduler signals the whole group, and the
     # agent forwards the signal it got to every rank milliseconds later. A repeat within this many seconds
     # is that duplicate, not a second request.

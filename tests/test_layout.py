@@ -69,7 +69,5 @@ def test_main_py_is_at_most_500_lines():
     assert len(MODULES["main"].read_text().splitlines()) <= 500
 
 
-@pytest.mark.xfail(strict=True, reason="README.md is 1108 lines: #23's split of it (main.py and suite.py "
-                                       "already point to docs/TRAINING.md and docs/RESULTS.md) is to do")
 def test_the_readme_is_at_most_300_lines():
     assert len((REPO / "README.md").read_text().splitlines()) <= 300
