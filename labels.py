@@ -6,6 +6,8 @@ A label source (--labels) is one of:
   pattern:RE  : a regular expression matching the whole file name, with a named group holding the label,
                 e.g. FSDD's "pattern:(?P<label>\\d+)_(?P<speaker>[a-z]+)_\\d+\\.wav",
   fsdd-digit, fsdd-speaker : shortcuts for the Free Spoken Digit Dataset's {digit}_{speaker}_{index}.wav.
+With --task ctc the label is a transcript: space-separated symbols (`tokens`, e.g. phones) or text spelled in
+characters (`chars`); see tokenize.
 A corpus may also label every 10 ms frame: <name>.frames.npy beside <name>.wav holds one label id per frame,
 label t covering samples [160 t, 160 t + 160) (demo.make_demo_corpus writes them), and frame_labels.json in
 the data folder may name the ids.
@@ -52,9 +54,20 @@ def read_label_table(tsv: Path, column: str = "label") -> dict[str, str]:
         raise UserError(f"No label file at {tsv}: give a TSV with `path` and `{column}` columns.")
     with open(tsv, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or "path" not in rows[0] or column not in rows[0]:
+    if not rows or "path" not in rows[0]:
         raise UserError(f"{tsv} needs a header with `path` and `{column}` columns (tab-separated).")
+    if column not in rows[0]:
+        raise UserError(f"{tsv} has no column `{column}` (it has {', '.join(rows[0])}): choose one of them "
+                        "with --label-column (or --group-column).")
     return {row["path"]: row[column] for row in rows}
+
+def tsv_source(source: str, data_dir: Path) -> Path | None:
+    """The TSV file a label source names (as given, or relative to the data folder), or None for folder and
+    pattern sources."""
+    if source == "folder" or source.startswith("pattern:"):
+        return None
+    tsv = Path(source)
+    return data_dir / source if not tsv.is_file() and (data_dir / source).is_file() else tsv
 
 def labels_for_files(files: Sequence[str], source: str, data_dir: Path,
                      column: str = "label") -> list[str | None]:
@@ -72,10 +85,7 @@ def labels_for_files(files: Sequence[str], source: str, data_dir: Path,
             raise UserError(f"The label pattern needs a named group (?P<{column}>...).")
         matches = [regex.fullmatch(Path(f).name) for f in files]
         return [m.group(column) if m else None for m in matches]
-    tsv = Path(source)
-    if not tsv.is_file() and (data_dir / source).is_file():
-        tsv = data_dir / source  # a TSV named relative to the data folder
-    table = read_label_table(tsv, column)
+    table = read_label_table(tsv_source(source, data_dir), column)
     return [table.get(f) for f in files]
 
 # Label shortcuts: a source for labels_for_files and the column (or pattern group) that holds the label.
@@ -162,15 +172,21 @@ def no_label_error(spec: str, files: int, data_dir: Path) -> UserError:
 
 
 def labelled_files(data_dir: Path, spec: str, label_column: str = "label", group_column: str | None = None,
-                   split: str = "cv", task: str = "classify") -> LabelledFiles:
+                   split: str = "cv", task: str = "classify", units: str = "tokens",
+                   test_groups: str | None = None) -> LabelledFiles:
     """The audio files under data_dir that have a label (and a group, with group_column), checked for the
-    task before any audio is decoded, with their targets: class indices ("classify": two classes at least)
-    or values ("regress": numbers); with split "fsdd-official", FSDD's fixed test split."""
+    task before any audio is decoded, with their targets: class indices ("classify": two classes at least),
+    values ("regress": numbers) or symbol lists ("ctc": transcripts in `units`; empty ones are skipped);
+    with split "fsdd-official", FSDD's fixed test split, with test_groups (see read_group_list) the files of
+    those groups."""
     files = find_audio_files(data_dir)
     if not files:
         raise UserError(f"No audio files under {data_dir}; check --data-dir.")
     names = [f.relative_to(data_dir).as_posix() for f in files]
+    warn_rows_without_audio(spec, label_column, data_dir, names)
     labels, groups = read_labels(names, spec, data_dir, group_column, label_column)
+    if task == "ctc":
+        labels = without_empty_transcripts(names, labels, units)
     keep = [i for i, label in enumerate(labels)
             if label is not None and (groups is None or groups[i] is not None)]
     if not keep:
@@ -180,13 +196,135 @@ def labelled_files(data_dir: Path, spec: str, label_column: str = "label", group
                            None if groups is None else [groups[i] for i in keep],
                            fsdd_test_mask(kept, data_dir) if split == "fsdd-official" else None,
                            len(files) - len(keep))
+    if test_groups is not None:
+        chosen.test_mask = group_test_mask(chosen.groups, test_groups)
     if task == "regress":
         chosen.targets = numeric_labels(chosen.labels, kept)
     elif task == "classify":
         check_classes(chosen.labels)
         chosen.classes = tuple(sorted(set(chosen.labels), key=natural_key))
         chosen.targets = np.array([chosen.classes.index(label) for label in chosen.labels])
+    elif task == "ctc":
+        chosen.targets = np.empty(len(kept), dtype=object)
+        chosen.targets[:] = [tokenize(label, units) for label in chosen.labels]
     return chosen
+
+
+def first_few(names: Sequence[str], count: int = 3) -> str:
+    """`a, b, c` (and how many more): the first names of a list, for a message."""
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
+def warn_rows_without_audio(spec: str, column: str, data_dir: Path, names: Sequence[str]) -> None:
+    """Name (and count) the rows of a TSV label source whose audio file is not under data_dir."""
+    source, column = label_source(spec, column)
+    tsv = tsv_source(source, data_dir)
+    if tsv is None:
+        return
+    missing = sorted(set(read_label_table(tsv, column)) - set(names), key=natural_key)
+    if missing:
+        log.warning("%d rows of %s name audio that is not under %s (%s): skipped", len(missing), tsv.name,
+                    data_dir, first_few(missing))
+
+
+def without_empty_transcripts(names: Sequence[str], labels: list[str | None], units: str) -> list[str | None]:
+    """The transcripts with the empty ones (no symbol in `units`) set to None, named and counted."""
+    empty = [i for i, label in enumerate(labels) if label is not None and not tokenize(label, units)]
+    if empty:
+        log.warning("%d files have an empty transcript (%s): skipped", len(empty),
+                    first_few([names[i] for i in empty]))
+    return [None if i in set(empty) else label for i, label in enumerate(labels)]
+
+
+def read_group_list(spec: str) -> list[str]:
+    """Group names from a file (one or more per line, white-space separated; `#` starts a comment) or from a
+    comma-separated list."""
+    path = Path(spec)
+    if path.is_file():
+        lines = (line.split("#", 1)[0] for line in path.read_text().splitlines())
+        return [name for line in lines for name in line.split()]
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def group_test_mask(groups: list[str] | None, spec: str) -> np.ndarray:
+    """(files,) True for the files of the groups `spec` names (see read_group_list), each of which must
+    exist."""
+    if groups is None:
+        raise UserError("--test-groups needs --group-column, the column that holds the groups it names.")
+    chosen = read_group_list(spec)
+    unknown = sorted(set(chosen) - set(groups))
+    if not chosen or unknown:
+        found = f"{first_few(unknown)} are not among the groups" if unknown else "it names no group"
+        raise UserError(f"--test-groups {spec}: {found} of the labelled files; check the list and "
+                        "--group-column.")
+    return np.isin(np.array(groups), chosen)
+
+
+# ----- transcripts (task "ctc") ---------------------------------------------------------------------
+
+UNITS = ("tokens", "chars")
+WORD_BOUNDARY = "|"  # the symbol between the words of a `chars` transcript
+
+
+def tokenize(text: str, units: str) -> list[str]:
+    """A transcript as recognition symbols. tokens: split on white space (phones, say). chars: case-folded
+    letters, digits and apostrophes, WORD_BOUNDARY between words; any other punctuation separates words."""
+    if units == "tokens":
+        return text.split()
+    words = "".join(ch if ch.isalnum() or ch == "'" else " " for ch in text.casefold()).split()
+    return list(WORD_BOUNDARY.join(words))
+
+
+def detokenize(symbols: Sequence[str], units: str) -> str:
+    """Symbols back to text: tokens joined by spaces, or characters with WORD_BOUNDARY as the space."""
+    if units == "tokens":
+        return " ".join(symbols)
+    return " ".join("".join(symbols).replace(WORD_BOUNDARY, " ").split())
+
+
+def vocabulary(transcripts: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """Every symbol of the transcripts (the training folds'), in natural order."""
+    return tuple(sorted({symbol for symbols in transcripts for symbol in symbols}, key=natural_key))
+
+
+def unknown_symbols(symbols: Sequence[str], known: Sequence[str]) -> list[str]:
+    """The symbols of a transcript outside the vocabulary `known`, in order of first appearance."""
+    known = set(known)
+    return list(dict.fromkeys(symbol for symbol in symbols if symbol not in known))
+
+
+def error_rate_name(units: str) -> str:
+    """The headline error rate of a recognizer: PER over tokens (phones), CER over characters."""
+    return "per" if units == "tokens" else "cer"
+
+
+def transcript_errors(reference: str, hypothesis: str, units: str) -> tuple[int, int]:
+    """(edits, reference length) of one transcript in its units (tokens, or characters with the spaces)."""
+    import jiwer  # imported here, as sklearn is: only recognition scores transcripts
+    if units == "tokens":
+        if not reference.split():
+            return len(hypothesis.split()), 0
+        out = jiwer.process_words(reference, hypothesis)
+    else:
+        if not reference:
+            return len(hypothesis), 0
+        out = jiwer.process_characters(reference, hypothesis)
+    return out.substitutions + out.deletions + out.insertions, out.substitutions + out.deletions + out.hits
+
+
+def recognition_metrics(references: Sequence[str], hypotheses: Sequence[str], units: str) -> dict:
+    """Corpus-level error rates in percent (edits summed over files / reference length summed): "per" for
+    tokens; "cer" and "wer" for chars (texts as detokenize writes them). jiwer aligns."""
+    import jiwer
+    pairs = zip(references, hypotheses, strict=True)
+    edits, length = np.sum([transcript_errors(r, h, units) for r, h in pairs], axis=0)
+    metrics = {error_rate_name(units): 100 * float(edits) / max(1, int(length)), "edits": int(edits),
+               "reference_length": int(length), "files": len(references)}
+    if units == "chars":
+        words = jiwer.process_words(list(references), list(hypotheses))
+        metrics["wer"] = 100 * float(words.wer)
+    return metrics
 
 
 # ----- per-frame labels ---------------------------------------------------------------------------
@@ -215,10 +353,10 @@ Split = tuple[str, np.ndarray, np.ndarray]  # (fold name, training rows, test ro
 def cross_validation(y: np.ndarray, n_folds: int, seed: int, test_mask: np.ndarray | None = None,
                      groups: np.ndarray | None = None, group_folds: int = 0, group_name: str = "group",
                      group_remedy: str = "check --group-column", regress: bool = False,
-                     class_remedy: str = "drop the rare classes from the labels or add data"
-                     ) -> tuple[str, list[Split]]:
+                     class_remedy: str = "drop the rare classes from the labels or add data",
+                     fixed_split: str = "FSDD official split") -> tuple[str, list[Split]]:
     """(description, splits) of the rows of y (probe.py's and finetune.py's), the first that applies:
-    - test_mask: the fixed split, training on the other rows;
+    - test_mask: the fixed split (named fixed_split), training on the other rows;
     - groups: folds disjoint in groups, one group out per fold, or group_folds folds when that is at least
       2 and less than the number of groups;
     - regress: shuffled k-fold (k = n_folds, at least 2);
@@ -230,7 +368,7 @@ def cross_validation(y: np.ndarray, n_folds: int, seed: int, test_mask: np.ndarr
     if test_mask is not None:
         if test_mask.all() or not test_mask.any():
             raise UserError("The fixed split leaves no training or no test files; check the file names.")
-        return "FSDD official split", [("test", rows[~test_mask], rows[test_mask])]
+        return fixed_split, [("test", rows[~test_mask], rows[test_mask])]
     if groups is not None:
         distinct = len(set(groups))
         if distinct < 2:
