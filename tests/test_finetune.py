@@ -56,15 +56,6 @@ def test_regression_on_a_continuous_target_reaches_a_high_correlation(tmp_path):
     assert (tmp_path / "run" / "scatter.png").is_file()
 
 
-def test_feature_statistics_come_from_files_spread_over_the_fold(monkeypatch):
-    monkeypatch.setattr(finetune, "STATS_FILES", 4)
-    config = HeadConfig(labels=("a", "b"), backbone="mfcc", channels=1)
-    model = Classifier(config, None)
-    frames = [torch.full((1, 10), float(i >= 50)) for i in range(100)]  # sorted: zeros first, then ones
-    finetune.set_feature_statistics(model, frames, "frames", torch.device("cpu"))
-    assert model.feature_mean.item() == pytest.approx(0.5)
-
-
 # ----- saved models -------------------------------------------------------------------------------
 
 def read_csv(path: Path) -> list[dict]:
