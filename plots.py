@@ -131,15 +131,7 @@ def plot_sample(wav: np.ndarray, duration: float, z: np.ndarray, c: np.ndarray, 
     top.set(ylim=(-1.05 * peak, 1.05 * peak), ylabel="amplitude\n(full scale = 1)", title="Waveform",
             xlim=(0, len(wav) / SAMPLE_RATE))
 
-    mel = log_mel_spectrogram(wav)
-    left, right = frame_extent(mel.shape[1], SPECTROGRAM_WINDOW)
-    image = axes[1].imshow(mel, aspect="auto", origin="lower", cmap="magma",
-                           extent=(left, right, 0, MEL_BANDS))
-    top_mel = hz_to_mel(SAMPLE_RATE / 2)
-    ticks = [hz for hz in MEL_TICKS_HZ if hz <= SAMPLE_RATE / 2]
-    axes[1].set_yticks([hz_to_mel(hz) / top_mel * MEL_BANDS for hz in ticks], [f"{hz:g}" for hz in ticks])
-    axes[1].set(ylabel="frequency (Hz,\nmel scale)",
-                title=f"Log-mel spectrogram ({MEL_BANDS} bands, 25 ms window)")
+    image = draw_log_mel(axes[1], wav)
     fig.colorbar(image, cax=colourbars[0], label="power (dB re. loudest)")
 
     titles = {"z": f"Latent z (encoder output, {z.shape[0]} channels, one frame per 10 ms)",
@@ -158,6 +150,19 @@ def plot_sample(wav: np.ndarray, duration: float, z: np.ndarray, c: np.ndarray, 
     fig.suptitle(f"{name}{f'  [label: {label}]' if label is not None else ''}: {duration:.2f} s{cut}, "
                  f"{z.shape[1]} frames")
     fig.savefig(path, dpi=DPI)
+
+def draw_log_mel(ax, wav: np.ndarray):
+    """Draw the log-mel spectrogram of wav (L,) on `ax`, frames centred on their windows, ticks in Hz; returns
+    the image (for a colour bar)."""
+    mel = log_mel_spectrogram(wav)
+    left, right = frame_extent(mel.shape[1], SPECTROGRAM_WINDOW)
+    image = ax.imshow(mel, aspect="auto", origin="lower", cmap="magma", extent=(left, right, 0, MEL_BANDS))
+    top_mel = hz_to_mel(SAMPLE_RATE / 2)
+    ticks = [hz for hz in MEL_TICKS_HZ if hz <= SAMPLE_RATE / 2]
+    ax.set_yticks([hz_to_mel(hz) / top_mel * MEL_BANDS for hz in ticks], [f"{hz:g}" for hz in ticks])
+    ax.set(ylabel="frequency (Hz,\nmel scale)",
+           title=f"Log-mel spectrogram ({MEL_BANDS} bands, 25 ms window)")
+    return image
 
 def category_colours(categories: list[str]) -> dict[str, tuple]:
     """A colour for each category, or for the most frequent ones when there are more than MAX_COLOURS:
@@ -284,3 +289,37 @@ def draw_learning_curve(curve: Sequence[dict], baselines: dict[str, float], path
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+POSTERIOR_SHOWN = 0.1  # a symbol gets a row in a posteriorgram if its posterior reaches this somewhere
+
+
+def plot_posteriorgram(files: Sequence[dict], symbols: Sequence[str], window: int, path: Path,
+                       title: str) -> None:
+    """For each file ({"name", "wav" (L,), "posteriors" (T, V), "reference", "transcript"}): its log-mel
+    spectrogram above its frame-by-frame CTC posteriors (symbols[0] is the blank; a row for every symbol that
+    reaches POSTERIOR_SHOWN or is in the reference or the transcript), both on one time axis (a frame covers
+    `window` samples), with the reference and the transcript written under it."""
+    fig = Figure(figsize=(12, 5.2 * len(files)), layout="constrained")
+    rows = fig.subfigures(len(files), 1, squeeze=False)[:, 0]
+    for row, item in zip(rows, files, strict=True):
+        spectrogram, posteriors = row.subplots(2, 1, sharex=True, height_ratios=(1, 1.6))
+        draw_log_mel(spectrogram, item["wav"])
+        spectrogram.set_title(f"{shorten(item['name'], 60)}: {len(item['wav']) / SAMPLE_RATE:.2f} s",
+                              fontsize=10)
+        words = set(item["reference"].split()) | set(item["transcript"].split())
+        probabilities = item["posteriors"]
+        shown = [i for i, symbol in enumerate(symbols)
+                 if i == 0 or probabilities[:, i].max() >= POSTERIOR_SHOWN or symbol in words
+                 or (len(symbol) == 1 and symbol in item["reference"] + item["transcript"])]
+        left, right = frame_extent(len(probabilities), window)
+        image = posteriors.imshow(probabilities[:, shown].T, aspect="auto", origin="lower", cmap="Greys",
+                                  vmin=0, vmax=1, interpolation="nearest",
+                                  extent=(left, right, -0.5, len(shown) - 0.5))
+        posteriors.set_yticks(range(len(shown)), [symbols[i] for i in shown], fontsize=7)
+        posteriors.set(ylabel="symbol", xlabel="time (s)", title="CTC posteriors per 10 ms frame")
+        row.colorbar(image, ax=posteriors, label="posterior", shrink=0.8)
+        posteriors.text(0, -0.22, f"reference:  {item['reference']}\ntranscript: {item['transcript']}",
+                        transform=posteriors.transAxes, va="top", fontsize=9, family="monospace", wrap=True)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
