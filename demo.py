@@ -139,3 +139,33 @@ def ensure_demo_corpus(folder: Path) -> None:
     if not any(folder.rglob("*.wav")):
         logger.info("Synthesising the demo corpus into %s", folder)
         make_demo_corpus(folder)
+
+
+TRANSCRIPT_SYMBOLS = {"a": "a", "e": "e", "i": "i", "o": "o", "u": "u", "fricative": "s"}  # silence: none
+
+
+def transcript_of(frame_labels: np.ndarray) -> str:
+    """A demo file's transcript from its frame labels: its segments in order ("s" for a fricative), equal
+    neighbours merged, the silences between them cutting it into words."""
+    runs = [DEMO_LABELS[int(label)] for i, label in enumerate(frame_labels)
+            if i == 0 or label != frame_labels[i - 1]]
+    text = "".join(TRANSCRIPT_SYMBOLS.get(run, " ") for run in runs)
+    return " ".join(text.split())
+
+
+def make_transcribed_corpus(folder: Path | str, num_speakers: int = 2, files_per_speaker: int = 20,
+                            seconds_per_file: float = 1.5, seed: int = 0) -> Path:
+    """The demo corpus (make_demo_corpus) with a transcript per file in folder/transcripts.tsv (`path`,
+    `speaker`, `text`: words of the letters a e i o u s), for speech recognition (finetune.py --task ctc,
+    --units chars, or tokens after splitting the letters)."""
+    make_demo_corpus(folder, num_speakers, files_per_speaker, seconds_per_file, seed)
+    folder = Path(folder)
+    with open(folder / "labels.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    with open(folder / "transcripts.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(("path", "speaker", "text", "letters"))
+        for row in rows:
+            text = transcript_of(np.load(folder / row["path"].replace(".wav", ".frames.npy")))
+            writer.writerow((row["path"], row["speaker"], text, " ".join(text.replace(" ", ""))))
+    return folder

@@ -46,6 +46,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -55,25 +56,40 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data import FRAME_HOP, SAMPLE_RATE, augment, change_speed, find_audio_files, load_audio
+from batching import (
+    batch_frames,
+    bucketed_batches,
+    cached_stage,
+    frame_counts,
+    prepare_inputs,
+    set_feature_statistics,
+)
+from data import SAMPLE_RATE, find_audio_files, load_audio
 from features import BACKBONE_HELP, backbone_label, load_network
-from heads import Classifier, HeadConfig, pad_frames
+from heads import Classifier, FineTuned, HeadConfig, Recognizer
 from labels import (
     LABELS_HELP,
+    UNITS,
     LabelledFiles,
     classification_metrics,
     cross_validation,
+    detokenize,
+    error_rate_name,
+    first_few,
     labelled_files,
+    recognition_metrics,
     regression_metrics,
+    transcript_errors,
+    unknown_symbols,
+    vocabulary,
 )
 from model import Wav2VecConfig
-from plots import plot_results
+from plots import plot_posteriorgram, plot_results
 from training import build_optimizer, lr_lambda, make_grad_scaler, optimizer_step, save_checkpoint
 from utils import (
     HelpFormatter,
@@ -96,21 +112,9 @@ from utils import (
 
 log = logging.getLogger(__name__)
 
-STATS_FILES = 200  # training files, spread over the fold, whose frames set the head's standardisation
-
-
-# ----- the model: backbone, pooling, head ----------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
+POSTERIORGRAM_FILES = 3  # test files drawn in posteriorgram.png
+# Flags that change nothing a finished fold computed: a --resume may differ in them.
+RUN_FLAGS = ("resume", "threads", "device", "max_folds", "output_dir")
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -118,7 +122,7 @@ STATS_FILES = 200  # training files, spread over the fold, whose frames set the 
 def load_dataset(args: argparse.Namespace) -> LabelledFiles:
     """The labelled files of the run, with their targets, checked for the task before any audio is decoded."""
     return labelled_files(args.data_dir, args.labels, args.label_column, args.group_column, args.split,
-                          args.task)
+                          args.task, args.units, args.test_groups)
 
 
 def validation_rows(data: LabelledFiles, train: np.ndarray, fraction: float,
@@ -138,81 +142,47 @@ def validation_rows(data: LabelledFiles, train: np.ndarray, fraction: float,
     return train[np.sort(fit)], train[np.sort(valid)]
 
 
-# ----- cached inputs ---------------------------------------------------------------------------------
+# ----- recognition: what CTC can learn ----------------------------------------------------------------
 
-def cached_stage(args: argparse.Namespace) -> str:
-    """What each training item starts from: "frames" (backbone frozen), "latent" (encoder frozen) or
-    "wav". Waveform augmentation needs the waveform, so it turns the cache off."""
-    if args.augment or args.speed or args.freeze == "none":
-        return "wav"
-    if args.freeze == "all" or args.checkpoint == "mfcc":
-        return "frames"
-    return "latent"
-
-
-@torch.no_grad()
-def prepare_inputs(model: Classifier, paths: Sequence[Path], stage: str, device: torch.device) -> list:
-    """Per file: the waveform (numpy, stage "wav"), or the output of the frozen stages, computed once."""
-    inputs = []
-    for path in tqdm(paths, desc=f"loading ({stage})", unit="file", leave=False):
-        wav = load_audio(path, SAMPLE_RATE)
-        shortest = model.shortest_input
-        if len(wav) < shortest:
-            raise UserError(f"{path} is shorter than one frame ({len(wav)} of {shortest} samples at 16 kHz): "
-                            "remove it or pad it.")
-        if stage == "wav":
-            inputs.append(wav)
-            continue
-        x = model.latent(torch.from_numpy(wav).to(device))
-        inputs.append((model.frames(x) if stage == "frames" else x).cpu())
-    return inputs
+def check_test_symbols(args: argparse.Namespace, data: LabelledFiles, folds: list) -> list:
+    """The folds, each test file's transcript checked against the vocabulary of its fold's training files:
+    an unknown symbol is an error naming it and the file, or with --skip-unknown the file is skipped."""
+    checked = []
+    for name, train_rows, test_rows in folds:
+        known = vocabulary(data.targets[train_rows])
+        unknown = {i: unknown_symbols(data.targets[i], known) for i in test_rows}
+        bad = [i for i in test_rows if unknown[i]]
+        if bad and not args.skip_unknown:
+            raise UserError(f"{data.names[bad[0]]} has the symbol {unknown[bad[0]][0]!r}, which no training "
+                            f"file of fold {name} has ({len(bad)} test files have such symbols): fix the "
+                            "transcripts, or give --skip-unknown to skip those files.")
+        if bad:
+            log.warning("fold %s: %d test files have symbols outside the training vocabulary (%s): skipped",
+                        name, len(bad), first_few([f"{data.names[i]}: {' '.join(unknown[i])}" for i in bad]))
+        checked.append((name, train_rows, np.setdiff1d(test_rows, bad)))
+    return checked
 
 
-def crop(item: np.ndarray | torch.Tensor, length: int, rng: np.random.Generator) -> np.ndarray | torch.Tensor:
-    """A random window of at most `length` along the last axis (samples or frames)."""
-    total = item.shape[-1]
-    if total <= length:
-        return item
-    start = int(rng.integers(0, total - length + 1))
-    return item[..., start:start + length]
-
-
-def batch_frames(model: Classifier, items: Sequence, stage: str, device: torch.device,
-                 train: bool = False, rng: np.random.Generator | None = None,
-                 args: argparse.Namespace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded frames (B, [layers,] C, T) and mask (B, T) for items at `stage`; training crops and augments."""
-    frames = []
-    for item in items:
-        if train:
-            per_second = SAMPLE_RATE if stage == "wav" else SAMPLE_RATE // FRAME_HOP
-            item = crop(item, int(args.crop_seconds * per_second), rng)
-            if stage == "wav" and args.speed:
-                item = change_speed(item, rng, args.speed, model.shortest_input)
-            if stage == "wav" and args.augment:
-                item = augment(item.copy(), rng)
-        if stage == "wav":
-            item = model.latent(torch.from_numpy(np.ascontiguousarray(item)).to(device))
-        item = item.to(device)
-        frames.append(model.frames(item) if stage != "frames" else item)
-    return pad_frames(frames)
-
-
-@torch.no_grad()
-def set_feature_statistics(model: Classifier, inputs: Sequence, stage: str, device: torch.device) -> None:
-    """Per-channel mean and std of the (mixed) frames of up to STATS_FILES training files spread over the
-    fold (not its first files: sorted names put one class or speaker first)."""
-    spread = [inputs[i] for i in np.linspace(0, len(inputs) - 1, min(STATS_FILES, len(inputs))).astype(int)]
-    frames = [model.mix(batch_frames(model, [item], stage, device)[0])[0] for item in spread]
-    every = torch.cat(frames, -1)  # (C, all frames)
-    model.feature_mean.copy_(every.mean(-1))
-    model.feature_std.copy_(every.std(-1).clamp(min=1e-5))
+def ctc_feasible(model: FineTuned, data: LabelledFiles, inputs: list, speed: float) -> np.ndarray:
+    """(files,) whether each file has frames enough for its transcript: CTC needs one per symbol and one more
+    between equal neighbours, in the fewest frames speed perturbation can leave. The others are named,
+    counted and left out."""
+    frames = np.floor(frame_counts(model, inputs) / (1 + speed))
+    needed = np.array([len(t) + sum(a == b for a, b in zip(t, t[1:], strict=False)) for t in data.targets])
+    short = np.flatnonzero(frames < needed)
+    if len(short):
+        named = [f"{data.names[i]} ({int(frames[i])} frames, {needed[i]} needed)" for i in short]
+        log.warning("%d files are too short for their transcripts (CTC needs a frame per symbol, and one "
+                    "more between repeats): %s: skipped", len(short), first_few(named))
+    return frames >= needed
 
 
 # ----- training one fold -------------------------------------------------------------------------
 
 def build_model(args: argparse.Namespace, data: LabelledFiles, backbone: tuple[Wav2VecConfig, dict] | None,
-                targets: np.ndarray) -> Classifier:
-    """A fresh classifier for one fold: the backbone's starting weights and a new head."""
+                targets: np.ndarray) -> FineTuned:
+    """A fresh model for one fold: the backbone's starting weights and a new head (for recognition, over the
+    vocabulary of the fold's training transcripts `targets`)."""
     if backbone is None:
         channels, num_layers = 26, 1
         config = None
@@ -222,17 +192,20 @@ def build_model(args: argparse.Namespace, data: LabelledFiles, backbone: tuple[W
         num_layers = len(config.context_layers) if args.layer == "all" else 1
     head = HeadConfig(task=args.task, labels=data.classes, backbone="mfcc" if backbone is None else "wav2vec",
                       layer="c" if backbone is None else args.layer, pool=args.pool, head=args.head,
-                      channels=channels, num_layers=num_layers, hidden=args.hidden, dropout=args.dropout)
+                      channels=channels, num_layers=num_layers, hidden=args.hidden, dropout=args.dropout,
+                      lstm_layers=args.layers, units=args.units)
     if args.task == "regress":
         head = replace(head, target_mean=float(targets.mean()), target_std=float(targets.std() or 1.0))
+    if args.task == "ctc":
+        head = replace(head, labels=vocabulary(targets))
     torch.manual_seed(args.seed)
-    model = Classifier(head, config)
+    model = (Recognizer if args.task == "ctc" else Classifier)(head, config)
     if backbone is not None:
         model.backbone.load_state_dict(weights)
     return model
 
 
-def trainable_backbone(model: Classifier, freeze: str) -> list[nn.Parameter]:
+def trainable_backbone(model: FineTuned, freeze: str) -> list[nn.Parameter]:
     """The backbone parameters that --freeze leaves trainable (the prediction head of pre-training never)."""
     if model.backbone is None or freeze == "all":
         return []
@@ -240,32 +213,27 @@ def trainable_backbone(model: Classifier, freeze: str) -> list[nn.Parameter]:
     return [p for part in parts for p in part.parameters()]
 
 
-def set_backbone_trainable(model: Classifier, params: Sequence[nn.Parameter], on: bool) -> None:
+def set_backbone_trainable(model: FineTuned, params: Sequence[nn.Parameter], on: bool) -> None:
     if model.backbone is not None:
         model.backbone.requires_grad_(False)
     for p in params:
         p.requires_grad_(on)
 
 
-def loss_of(model: Classifier, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if model.config.task == "classify":
-        return F.cross_entropy(outputs.float(), targets)
-    standardised = (targets.float() - model.config.target_mean) / model.config.target_std
-    return F.mse_loss(outputs[:, 0].float(), standardised)
-
-
 @torch.no_grad()
-def evaluate(model: Classifier, inputs: Sequence, targets: np.ndarray, stage: str, device: torch.device,
+def evaluate(model: FineTuned, inputs: Sequence, targets: np.ndarray, stage: str, device: torch.device,
              autocast, batch_size: int) -> tuple[dict, list[dict]]:
     """(metrics, one prediction dict per item) on whole files."""
     model.eval()
     predictions, loss_sum = [], 0.0
     for begin in range(0, len(inputs), batch_size):
         with autocast:
-            outputs = model.head(*batch_frames(model, inputs[begin:begin + batch_size], stage, device))
-        batch_targets = torch.as_tensor(targets[begin:begin + batch_size], device=device)
-        loss_sum += float(loss_of(model, outputs, batch_targets)) * len(batch_targets)
-        predictions += model.describe(outputs.float())
+            frames, mask = batch_frames(model, inputs[begin:begin + batch_size], stage, device)
+            outputs = model.head(frames, mask)
+        batch_targets = targets[begin:begin + batch_size]
+        loss = model.loss(outputs, mask, model.targets(batch_targets, device))
+        loss_sum += float(loss) * len(batch_targets)
+        predictions += model.describe(outputs.float(), mask)
     model.train()
     metrics = score(model.config, targets, predictions)
     metrics["loss"] = loss_sum / max(1, len(inputs))
@@ -273,17 +241,29 @@ def evaluate(model: Classifier, inputs: Sequence, targets: np.ndarray, stage: st
 
 
 def score(config: HeadConfig, targets: np.ndarray, predictions: list[dict]) -> dict:
+    if config.task == "ctc":
+        return recognition_metrics([detokenize(t, config.units) for t in targets],
+                                   [p["transcript"] for p in predictions], config.units)
     if config.task == "regress":
         return regression_metrics(targets, np.array([p["value"] for p in predictions]))
     return classification_metrics([config.labels[t] for t in targets], [p["label"] for p in predictions])
 
 
+def headline(config: HeadConfig) -> str:
+    """The metric early stopping watches: accuracy, MAE, or the error rate (PER or CER) of recognition."""
+    return {"classify": "accuracy", "regress": "mae"}.get(config.task) or error_rate_name(config.units)
+
+
 def better(config: HeadConfig, metrics: dict, best: dict | None) -> bool:
-    """Early stopping's yardstick: accuracy (then loss) for classification, MAE for regression."""
+    """Early stopping's yardstick: accuracy (then loss) for classification, MAE for regression, the error
+    rate (then loss) for recognition."""
     if best is None:
         return True
     if config.task == "regress":
         return metrics["mae"] < best["mae"]
+    if config.task == "ctc":
+        key = headline(config)
+        return (metrics[key], metrics["loss"]) < (best[key], best["loss"])
     return (metrics["accuracy"], -metrics["loss"]) > (best["accuracy"], -best["loss"])
 
 
@@ -291,7 +271,7 @@ def better(config: HeadConfig, metrics: dict, best: dict | None) -> bool:
 class FoldResult:
     """A fold's best model, its predictions for the fold's test files, and its test metrics."""
 
-    model: Classifier
+    model: FineTuned
     predictions: list[dict]
     metrics: dict
 
@@ -301,7 +281,8 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
                writer: SummaryWriter) -> FoldResult:
     """Train a fresh model on `rows`, early-stopped on `valid_rows`, then predict `test_rows`."""
     stage = cached_stage(args)
-    model = build_model(args, data, backbone, data.targets[rows]).to(device)
+    model = build_model(args, data, backbone, data.targets[np.concatenate([rows, valid_rows])]).to(device)
+    lengths = frame_counts(model, inputs)
     set_feature_statistics(model, [inputs[i] for i in rows], stage, device)
     backbone_params = trainable_backbone(model, args.freeze)
     if model.backbone is not None:
@@ -326,15 +307,12 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
     progress = tqdm(total=None if math.isinf(total) else total, desc=f"fold {name}", unit="update")
     model.train()
     while update < total and stale < args.patience:
-        order = rng.permutation(rows)
-        for begin in range(0, len(order), args.batch_size):
-            batch = order[begin:begin + args.batch_size]
+        for batch in epoch_batches(args, model, rows, lengths, rng):
             set_backbone_trainable(model, backbone_params, update >= args.freeze_updates)
             with autocast:
-                frames = batch_frames(model, [inputs[i] for i in batch], stage, device, True, rng, args)
-                outputs = model.head(*frames, args.mask_frames, generator)
-            loss = loss_of(model, outputs, torch.as_tensor(data.targets[batch], device=device))
-            loss = loss.float()
+                frames, mask = batch_frames(model, [inputs[i] for i in batch], stage, device, True, rng, args)
+                outputs = model.head(frames, mask, args.mask_frames, generator)
+            loss = model.loss(outputs, mask, model.targets(data.targets[batch], device)).float()
             scaler.scale(loss).backward()
             optimizer_step(model, optimizer, scaler, args.clip_norm, loss.detach())
             scheduler.step()
@@ -348,7 +326,7 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
                 if len(valid_rows):
                     metrics, _ = evaluate(model, valid_inputs, data.targets[valid_rows], stage, device,
                                           autocast, args.batch_size)
-                    key = "mae" if args.task == "regress" else "accuracy"
+                    key = headline(model.config)
                     writer.add_scalar(f"{name}/valid_{key}", metrics[key], update)
                     writer.add_scalar(f"{name}/valid_loss", metrics["loss"], update)
                     log.info("fold %s update %d: validation %s %.4f, loss %.4f", name, update, key,
@@ -379,7 +357,21 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
     return FoldResult(model, predictions, metrics)
 
 
+def epoch_batches(args: argparse.Namespace, model: FineTuned, rows: np.ndarray, lengths: np.ndarray,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of training rows in batches: random ones, or for recognition (whole files, of very
+    different lengths) batches of similar length."""
+    if model.config.task == "ctc":
+        return bucketed_batches(rows, lengths, args.batch_size, rng)
+    order = rng.permutation(rows)
+    return [order[begin:begin + args.batch_size] for begin in range(0, len(order), args.batch_size)]
+
+
 def summary(metrics: dict) -> str:
+    if "per" in metrics:
+        return f"PER {metrics['per']:.1f}%"
+    if "cer" in metrics:
+        return f"CER {metrics['cer']:.1f}%, WER {metrics['wer']:.1f}%"
     if "accuracy" in metrics:
         return f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
     return f"MAE {metrics['mae']:.3f}, RMSE {metrics['rmse']:.3f}, Pearson r {metrics['pearson_r']:.3f}"
@@ -389,8 +381,13 @@ def summary(metrics: dict) -> str:
 
 def prediction_rows(config: HeadConfig, names: Sequence[str], predictions: Sequence[dict],
                     extra: dict[str, Sequence] | None = None) -> tuple[list[str], list[list]]:
-    """(header, rows) of a predictions.csv: path, any extra columns, predicted, then p_<class> per class."""
+    """(header, rows) of a predictions.csv: path, any extra columns, predicted, then p_<class> per class; for
+    recognition, path, any extra columns and the transcript."""
     extra = extra or {}
+    if config.task == "ctc":
+        return (["path", *extra, "transcript"],
+                [[name, *(column[i] for column in extra.values()), p["transcript"]]
+                 for i, (name, p) in enumerate(zip(names, predictions, strict=True))])
     header = ["path", *extra, "predicted"] + [f"p_{label}" for label in config.labels]
     rows = []
     for i, (name, p) in enumerate(zip(names, predictions, strict=True)):
@@ -412,6 +409,21 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 
+def outcome_columns(config: HeadConfig, data: LabelledFiles, tested: list[tuple[str, np.ndarray, FoldResult]],
+                    predictions: list[dict]) -> dict[str, list]:
+    """predictions.csv's columns between the path and the prediction: the fold and the truth; for recognition
+    also the reference's length and the edits from it to the transcript, in its units."""
+    rows = [i for _, test, _ in tested for i in test]
+    columns = {"fold": [name for name, test, _ in tested for _ in test]}
+    if config.task != "ctc":
+        return {**columns, "true": [data.labels[i] for i in rows]}
+    references = [detokenize(data.targets[i], config.units) for i in rows]
+    errors = [transcript_errors(r, p["transcript"], config.units)
+              for r, p in zip(references, predictions, strict=True)]
+    return {**columns, "reference": references, "errors": [e for e, _ in errors],
+            "length": [n for _, n in errors]}
+
+
 def write_outputs(args: argparse.Namespace, out: Path, data: LabelledFiles, description: str,
                   tested: list[tuple[str, np.ndarray, FoldResult]]) -> dict:
     """metrics.json, predictions.csv, the plot and finetuned.pt (the model of saved_fold)."""
@@ -419,22 +431,23 @@ def write_outputs(args: argparse.Namespace, out: Path, data: LabelledFiles, desc
     names = [data.names[i] for _, test, _ in tested for i in test]
     predictions = [p for _, _, result in tested for p in result.predictions]
     targets = np.concatenate([data.targets[test] for _, test, _ in tested])
-    folds_column = [name for name, test, _ in tested for _ in test]
-    true = [data.labels[i] for _, test, _ in tested for i in test]
     metrics = score(config, targets, predictions)
     metrics.update(evaluation=description, folds={name: result.metrics for name, _, result in tested},
-                   n_tested=len(names), n_files=len(data.names),
+                   n_tested=len(names), n_files=len(data.names), skipped=data.skipped,
                    settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    header, rows = prediction_rows(config, names, predictions, {"fold": folds_column, "true": true})
-    write_csv(out / "predictions.csv", header, rows)
+    columns = outcome_columns(config, data, tested, predictions)
+    write_csv(out / "predictions.csv", *prediction_rows(config, names, predictions, columns))
     title = f"{backbone_label(args.checkpoint)}, freeze {args.freeze}, {description}: {summary(metrics)}"
-    if config.task == "classify":
+    fold, test, result = saved_fold(tested)
+    true = columns.get("true")
+    if config.task == "ctc":
+        draw_posteriorgram(result.model, data, test, out / "posteriorgram.png", title)
+    elif config.task == "classify":
         plot_results(config.labels, true, [p["label"] for p in predictions], out / "confusion_matrix.png",
                      title)
     else:
         plot_results((), targets, [p["value"] for p in predictions], out / "scatter.png", title)
-    fold, test, result = saved_fold(tested)
     metrics["saved_model"] = {"fold": fold, "valid": result.metrics.get("valid"),
                               "chosen_by": "best validation score" if "valid" in result.metrics
                               else "last fold (no validation split)"}
@@ -446,6 +459,51 @@ def write_outputs(args: argparse.Namespace, out: Path, data: LabelledFiles, desc
     return metrics
 
 
+@torch.no_grad()
+def draw_posteriorgram(model: Recognizer, data: LabelledFiles, test: np.ndarray, path: Path,
+                       title: str) -> None:
+    """posteriorgram.png: POSTERIORGRAM_FILES test files of the saved fold, spread over it, each as its
+    spectrogram over its frame-by-frame CTC posteriors, with the reference and the transcript."""
+    model.eval()
+    shown = []
+    for i in test[np.unique(np.linspace(0, len(test) - 1, min(POSTERIORGRAM_FILES, len(test))).astype(int))]:
+        wav = load_audio(data.paths[i], SAMPLE_RATE)
+        log_probs = model([model.waveform(wav)])[0].cpu()
+        shown.append({"name": data.names[i], "wav": wav, "posteriors": log_probs.exp().numpy(),
+                      "reference": detokenize(data.targets[i], model.config.units),
+                      "transcript": model.describe(log_probs[None], torch.ones(1, len(log_probs), dtype=bool))
+                      [0]["transcript"]})
+    plot_posteriorgram(shown, ("<blank>", *model.config.labels), model.shortest_input, path, title)
+
+
+
+
+def fold_settings(args: argparse.Namespace) -> dict:
+    """The flags that decide what a fold computes (not RUN_FLAGS), as plain values."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in RUN_FLAGS}
+
+
+def save_fold(path: Path, args: argparse.Namespace, name: str, result: FoldResult) -> None:
+    """A finished fold on disk (its model, test predictions, metrics), so that --resume need not redo it."""
+    save_checkpoint({"settings": fold_settings(args), "fold": name, "predictions": result.predictions,
+                     "metrics": json.loads(json.dumps(result.metrics)),
+                     "model": result.model.cpu().payload({})}, path)
+
+
+def finished_fold(path: Path, args: argparse.Namespace, name: str, device: torch.device) -> FoldResult | None:
+    """The fold save_fold wrote at `path`, or None if there is none; one made with other settings is an
+    error (resuming would mix two experiments)."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    differ = sorted(k for k, v in fold_settings(args).items() if saved["settings"].get(k) != v)
+    if saved["fold"] != name or differ:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in differ) or "the folds"
+        raise UserError(f"{path} was made by a run with other settings ({flags} differ): drop --resume to "
+                        "start over, or choose another --output-dir.")
+    log.info("fold %s: finished before, taken from %s", name, path)
+    return FoldResult(FineTuned.from_payload(saved["model"], path).to(device), saved["predictions"],
+                      saved["metrics"])
 
 
 def saved_fold(tested: list[tuple[str, np.ndarray, FoldResult]]) -> tuple[str, np.ndarray, FoldResult]:
@@ -481,13 +539,18 @@ def train(args: argparse.Namespace) -> dict:
     set_threads(args.threads)
     device = resolve_device(args.device)
     groups = None if data.groups is None else np.array(data.groups)
+    fixed = f"{int(data.test_mask.sum())} files of the --test-groups" if args.test_groups else None
     description, folds = cross_validation(data.targets, args.folds, args.seed, data.test_mask, groups,
-                                          group_folds=args.folds, regress=args.task == "regress",
+                                          group_folds=args.folds, regress=args.task != "classify",
                                           class_remedy="drop the rare classes from the labels, add data, "
-                                                       "or give --group-column")
-    log.info("%d files, %s, %s; %s", len(data.names), f"{len(data.classes)} classes" if data.classes
-             else "regression", description, f"{len(folds)} folds" + (f", running {args.max_folds}"
-                                                                     if args.max_folds else ""))
+                                                       "or give --group-column",
+                                          fixed_split=fixed or "FSDD official split")
+    folds = folds[:args.max_folds or None]
+    if args.task == "ctc":
+        folds = check_test_symbols(args, data, folds)
+    kind = {"classify": f"{len(data.classes)} classes", "regress": "regression"}.get(args.task, "transcripts")
+    log.info("%d files, %s, %s; %s", len(data.names), kind, description,
+             f"{len(folds)} folds" + (f", running {args.max_folds}" if args.max_folds else ""))
     backbone = backbone_weights(args.checkpoint, args.seed)
     stage = cached_stage(args)
     start = time.perf_counter()
@@ -495,12 +558,23 @@ def train(args: argparse.Namespace) -> dict:
         template = build_model(args, data, backbone, data.targets).to(device)
     inputs = prepare_inputs(template, data.paths, stage, device)
     log.info("inputs (%s) of %d files ready in %.0f s", stage, len(inputs), time.perf_counter() - start)
+    if args.task == "ctc":
+        usable = ctc_feasible(template, data, inputs, args.speed)
+        folds = [(name, train[usable[train]], test[usable[test]]) for name, train, test in folds]
+    fold_dir = out / "folds"
+    if not args.resume:
+        shutil.rmtree(fold_dir, ignore_errors=True)  # a new run: the folds of an earlier one do not count
+    fold_dir.mkdir(exist_ok=True)
     tested = []
     with SummaryWriter(out / "tensorboard") as writer, logging_redirect_tqdm():
-        for name, train_rows, test_rows in folds[:args.max_folds or None]:
-            fit_rows, valid_rows = validation_rows(data, train_rows, args.valid_fraction, args.seed)
-            result = train_fold(args, name, data, inputs, fit_rows, valid_rows, test_rows, backbone, device,
-                                writer)
+        for k, (name, train_rows, test_rows) in enumerate(folds):
+            path = fold_dir / f"fold_{k:03d}.pt"
+            result = finished_fold(path, args, name, device) if args.resume else None
+            if result is None:
+                fit_rows, valid_rows = validation_rows(data, train_rows, args.valid_fraction, args.seed)
+                result = train_fold(args, name, data, inputs, fit_rows, valid_rows, test_rows, backbone,
+                                    device, writer)
+                save_fold(path, args, name, result)
             tested.append((name, test_rows, result))
     metrics = write_outputs(args, out, data, description, tested)
     metrics["total_seconds"] = round(time.perf_counter() - start, 1)
@@ -510,15 +584,17 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def predict(args: argparse.Namespace) -> None:
-    """Label (and probabilities) or value for every audio file under --data-dir, to a CSV."""
+    """Label (and probabilities), value or transcript for every audio file under --data-dir, to a CSV."""
     set_threads(args.threads)
     device = resolve_device(args.device)
-    model = Classifier.from_pretrained(args.model, device)
+    model = FineTuned.from_pretrained(args.model, device)
     files = find_audio_files(args.data_dir)
     if not files:
         raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
     names = [f.relative_to(args.data_dir).as_posix() for f in files]
-    predictions = [model.predict(path) for path in tqdm(files, desc="predicting", unit="file")]
+    describe = ((lambda path: {"transcript": model.transcribe(path)}) if isinstance(model, Recognizer)
+                else model.predict)
+    predictions = [describe(path) for path in tqdm(files, desc="predicting", unit="file")]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.output, *prediction_rows(model.config, names, predictions))
     print(f"wrote {len(names)} predictions to {args.output}")
@@ -531,15 +607,26 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
                       help=BACKBONE_HELP.replace("; or an offline graph written by export.py (.onnx)", ""))
     data.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
     data.add_argument("--labels", required=True, help=LABELS_HELP)
-    data.add_argument("--label-column", default="label", help="TSV column (or pattern group) of the label")
-    data.add_argument("--task", choices=("classify", "regress"), default="classify")
+    data.add_argument("--label-column", default="label",
+                      help="TSV column (or pattern group) of the label; --task ctc: of the transcript")
+    data.add_argument("--task", choices=("classify", "regress", "ctc"), default="classify",
+                      help="ctc: speech recognition, a transcript per file (CTC loss, greedy decoding)")
+    data.add_argument("--units", choices=UNITS, default="tokens",
+                      help="--task ctc: tokens (space-separated symbols, e.g. phones) or chars (letters and "
+                           "apostrophes, case folded, | between words)")
+    data.add_argument("--skip-unknown", action="store_true",
+                      help="--task ctc: skip (and count) test files whose transcript has a symbol no "
+                           "training file has, rather than stop")
     data.add_argument("--output-dir", type=Path, default=Path("runs/ft"))
     model = parser.add_argument_group("model")
     model.add_argument("--layer", choices=("c", "z", "all"), default="c",
                        help="frames the head reads: c, z, or a learned weighted sum of all context layers")
     model.add_argument("--pool", choices=("mean", "mean+std", "attentive"), default="mean+std")
-    model.add_argument("--head", choices=("linear", "mlp"), default="linear")
-    model.add_argument("--hidden", type=positive_int, default=256, help="width of the MLP and the attention")
+    model.add_argument("--head", choices=("linear", "mlp", "bilstm"), default="linear",
+                       help="linear or mlp (classify, regress); linear or bilstm (ctc)")
+    model.add_argument("--hidden", type=positive_int, default=256,
+                       help="width of the MLP and the attention; of each LSTM direction")
+    model.add_argument("--layers", type=positive_int, default=2, help="--head bilstm: bidirectional layers")
     model.add_argument("--dropout", type=float, default=0.1)
     model.add_argument("--freeze", choices=("all", "encoder", "none"), default="all",
                        help="all: train the head on cached features; encoder: context and head train; "
@@ -573,6 +660,9 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--group-column", help="TSV column or pattern group: folds disjoint in it")
     evaluation.add_argument("--split", choices=("cv", "fsdd-official"), default="cv")
+    evaluation.add_argument("--test-groups", metavar="FILE_OR_LIST",
+                            help="one fixed test fold: the files of these groups of --group-column (a file "
+                                 "of names, white-space separated, or a comma-separated list)")
     evaluation.add_argument("--folds", type=int, default=5, help="k of k-fold; 0 with --group-column: one "
                                                                    "group out per fold")
     evaluation.add_argument("--max-folds", type=positive_int, default=None, help="run only the first folds")
@@ -583,6 +673,9 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     evaluation.add_argument("--patience", type=positive_int, default=10,
                             help="validations without improvement before stopping")
     evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--resume", action="store_true",
+                            help="take the folds an interrupted run of the same settings finished in "
+                                 "--output-dir/folds/, and run the rest (without it, a run starts over)")
     add_device_argument(evaluation)
     add_threads_argument(evaluation)
     args = parser.parse_args(argv)
@@ -594,8 +687,12 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine would climb; give a "
                         "--min-lr of at most --lr.")
-    if args.split == "fsdd-official" and args.group_column:
-        raise UserError("--split fsdd-official and --group-column are alternatives: choose one.")
+    if args.split == "fsdd-official" and (args.group_column or args.test_groups):
+        raise UserError("--split fsdd-official and --group-column or --test-groups are alternatives: "
+                        "choose one.")
+    heads = ("linear", "bilstm") if args.task == "ctc" else ("linear", "mlp")
+    if args.head not in heads:
+        raise UserError(f"--task {args.task} takes --head {' or '.join(heads)}, not {args.head}.")
     if args.checkpoint in ("mfcc",) and (args.freeze != "all" or args.layer != "c"):
         raise UserError("--checkpoint mfcc has no network to train or layers to choose: "
                         "drop --freeze and --layer.")
