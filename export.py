@@ -10,11 +10,14 @@ norm="layer", e.g. --model wav2vec_tiny): one hop of 160 samples (or N hops) and
 frame (N frames) and the state out (see ondevice.py for the protocol). Every file written is loaded back,
 run on random audio and compared with PyTorch (largest absolute difference printed).
 A finetune.py model (--checkpoint runs/ft/finetuned.pt) exports with its head as one graph: wav (1, L) ->
-logits and probabilities (classify) or value (regress), checked against Classifier.predict.
+logits and probabilities (classify) or value (regress), checked against Classifier.predict; a recognizer
+(--task ctc) -> log_probs (1, T, symbols + 1), checked against Recognizer.transcribe (the greedy transcript
+of the graph's log-probabilities is the same) and its log-probabilities.
 --quantize int8 (ONNX): ONNX Runtime static quantization, per-channel int8 convolution weights and uint8
 activations calibrated on --calibration-dir; the fp32 graph is kept beside it (FILE with .fp32.onnx), and
 the size, speed (one thread) and cosine similarity of the features to fp32 on the calibration audio are
-printed (for a classifier: how often int8 gives fp32's label, and the largest output difference).
+printed (for a classifier: how often int8 gives fp32's label, and the largest output difference; for a
+recognizer: how often a frame's most likely symbol is fp32's).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 
 import ondevice
 from data import SAMPLE_RATE
-from heads import Classifier
+from heads import Classifier, FineTuned, Recognizer, greedy_paths
 from model import StreamingStep, Wav2Vec, read_checkpoint
 from utils import (
     HelpFormatter,
@@ -93,14 +96,14 @@ def onnx_runner(path: Path) -> Callable[..., tuple]:
     return lambda *inputs: tuple(session.run(None, dict(zip(names, inputs, strict=True))))
 
 
-def load_model(path: Path, streaming: bool) -> Wav2Vec | Classifier:
+def load_model(path: Path, streaming: bool) -> Wav2Vec | FineTuned:
     """The pre-trained model, or the fine-tuned one (backbone and head), in a checkpoint."""
     if "head_config" not in read_checkpoint(path):  # read again by the loader: small next to the export
         return Wav2Vec.from_pretrained(path)
     if streaming:
         raise UserError("A fine-tuned head pools over the whole file, so it exports as one offline graph: "
                         "drop --streaming (or stream the pre-trained checkpoint it was fine-tuned from).")
-    return Classifier.from_pretrained(path)
+    return FineTuned.from_pretrained(path)
 
 
 def classifier_pairs(model: Classifier, run: Callable[..., tuple],
@@ -120,12 +123,31 @@ def classifier_pairs(model: Classifier, run: Callable[..., tuple],
     return pairs
 
 
-def reference_and_exported(model: Wav2Vec | Classifier, run: Callable[..., tuple], streaming: bool,
+def recognizer_pairs(model: Recognizer, run: Callable[..., tuple],
+                     rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(PyTorch, exported) pairs over several lengths: the log-probabilities, and their greedy paths (the
+    output ids of the transcript transcribe() gives)."""
+    pairs = []
+    for length in PARITY_LENGTHS:
+        wav = rng.standard_normal((1, max(length, model.shortest_input))).astype(np.float32)
+        exported = run(wav)[0]
+        with torch.no_grad():
+            reference = model([torch.from_numpy(wav[0])])
+        frames = torch.tensor([exported.shape[1]])
+        pairs += [(reference.numpy(), exported),
+                  (np.array(greedy_paths(reference, frames)[0]),
+                   np.array(greedy_paths(torch.from_numpy(exported), frames)[0]))]
+    return pairs
+
+
+def reference_and_exported(model: Wav2Vec | FineTuned, run: Callable[..., tuple], streaming: bool,
                            rng: np.random.Generator, stream_seconds: float = STREAM_SECONDS,
                            hops: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """(PyTorch, exported) output pairs: offline over several lengths, or every call of a random stream."""
     if isinstance(model, Classifier):
         return classifier_pairs(model, run, rng)
+    if isinstance(model, Recognizer):
+        return recognizer_pairs(model, run, rng)
     if not streaming:
         pairs = []
         for length in PARITY_LENGTHS:
@@ -148,7 +170,7 @@ def reference_and_exported(model: Wav2Vec | Classifier, run: Callable[..., tuple
     return pairs
 
 
-def parity(model: Wav2Vec | Classifier, path: Path, fmt: str, streaming: bool,
+def parity(model: Wav2Vec | FineTuned, path: Path, fmt: str, streaming: bool,
            stream_seconds: float = STREAM_SECONDS, hops: int = 1) -> float:
     """Largest |PyTorch - exported| over the parity inputs; raises if beyond rtol 1e-4 (a bug, not a user
     error)."""
@@ -156,7 +178,7 @@ def parity(model: Wav2Vec | Classifier, path: Path, fmt: str, streaming: bool,
     pairs = reference_and_exported(model, run, streaming, np.random.default_rng(0), stream_seconds, hops)
     for want, got in pairs:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    return max(float(np.abs(want - got).max()) for want, got in pairs)
+    return max(float(np.abs(want - got).max(initial=0.0)) for want, got in pairs)
 
 
 # ----- int8 -------------------------------------------------------------------------------------------
@@ -182,8 +204,13 @@ def outputs_of(path: Path, wavs: list[np.ndarray]) -> list[dict[str, np.ndarray]
 def closeness(fp32: list[dict[str, np.ndarray]], int8: list[dict[str, np.ndarray]]) -> dict:
     """How far int8's outputs are from fp32's: per-frame cosine similarity of features; for a classifier, how
     often the label is the same and the largest probability difference; for a regressor, the largest value
-    difference."""
+    difference; for a recognizer, how often a frame's most likely symbol is the same."""
     report = {}
+    if "log_probs" in fp32[0]:
+        same = np.concatenate([a["log_probs"].argmax(-1).ravel() == b["log_probs"].argmax(-1).ravel()
+                               for a, b in zip(fp32, int8, strict=True)])
+        report["same_symbol_fraction"] = round(float(same.mean()), 4)
+        return report
     if "z" in fp32[0]:
         for key in ("z", "c"):
             cos = np.concatenate([ondevice.cosine_similarity(a[key], b[key])
@@ -231,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
                              hops=args.hops_per_call)
     else:
         ondevice.export_torchscript(model, exported, streaming=args.streaming, hops=args.hops_per_call)
-    form = "classifier" if isinstance(model, Classifier) else "streaming" if args.streaming else "offline"
+    form = ("streaming" if args.streaming else "offline") if isinstance(model, Wav2Vec) else \
+        model.export_graph().form
     report = {"output": str(args.output), "format": args.format, "form": form,
               "parameters": ondevice.extractor_parameters(model),
               "bytes": exported.stat().st_size,

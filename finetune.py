@@ -69,7 +69,7 @@ from batching import (
     prepare_inputs,
     set_feature_statistics,
 )
-from data import SAMPLE_RATE, find_audio_files, load_audio
+from data import FRAME_HOP, SAMPLE_RATE, find_audio_files, load_audio
 from features import BACKBONE_HELP, backbone_label, load_network
 from heads import Classifier, FineTuned, HeadConfig, Recognizer
 from labels import (
@@ -167,13 +167,13 @@ def ctc_feasible(model: FineTuned, data: LabelledFiles, inputs: list, speed: flo
     """(files,) whether each file has frames enough for its transcript: CTC needs one per symbol and one more
     between equal neighbours, in the fewest frames speed perturbation can leave. The others are named,
     counted and left out."""
-    frames = np.floor(frame_counts(model, inputs) / (1 + speed))
+    frames = model.output_lengths(np.floor(frame_counts(model, inputs) / (1 + speed)).astype(int))
     needed = np.array([len(t) + sum(a == b for a, b in zip(t, t[1:], strict=False)) for t in data.targets])
     short = np.flatnonzero(frames < needed)
     if len(short):
         named = [f"{data.names[i]} ({int(frames[i])} frames, {needed[i]} needed)" for i in short]
-        log.warning("%d files are too short for their transcripts (CTC needs a frame per symbol, and one "
-                    "more between repeats): %s: skipped", len(short), first_few(named))
+        log.warning("%d files are too short for their transcripts (CTC needs an output frame per symbol, and "
+                    "one more between repeats): %s: skipped", len(short), first_few(named))
     return frames >= needed
 
 
@@ -193,7 +193,7 @@ def build_model(args: argparse.Namespace, data: LabelledFiles, backbone: tuple[W
     head = HeadConfig(task=args.task, labels=data.classes, backbone="mfcc" if backbone is None else "wav2vec",
                       layer="c" if backbone is None else args.layer, pool=args.pool, head=args.head,
                       channels=channels, num_layers=num_layers, hidden=args.hidden, dropout=args.dropout,
-                      lstm_layers=args.layers, units=args.units)
+                      lstm_layers=args.layers, units=args.units, subsample=args.subsample)
     if args.task == "regress":
         head = replace(head, target_mean=float(targets.mean()), target_std=float(targets.std() or 1.0))
     if args.task == "ctc":
@@ -468,12 +468,11 @@ def draw_posteriorgram(model: Recognizer, data: LabelledFiles, test: np.ndarray,
     shown = []
     for i in test[np.unique(np.linspace(0, len(test) - 1, min(POSTERIORGRAM_FILES, len(test))).astype(int))]:
         wav = load_audio(data.paths[i], SAMPLE_RATE)
-        log_probs = model([model.waveform(wav)])[0].cpu()
-        shown.append({"name": data.names[i], "wav": wav, "posteriors": log_probs.exp().numpy(),
-                      "reference": detokenize(data.targets[i], model.config.units),
-                      "transcript": model.describe(log_probs[None], torch.ones(1, len(log_probs), dtype=bool))
-                      [0]["transcript"]})
-    plot_posteriorgram(shown, ("<blank>", *model.config.labels), model.shortest_input, path, title)
+        log_probs, transcript = model.recognize(wav)
+        shown.append({"name": data.names[i], "wav": wav, "posteriors": log_probs.exp().cpu().numpy(),
+                      "reference": detokenize(data.targets[i], model.config.units), "transcript": transcript})
+    plot_posteriorgram(shown, ("<blank>", *model.config.labels), model.shortest_input,
+                       FRAME_HOP * model.config.subsample, path, title)
 
 
 
@@ -627,6 +626,8 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--hidden", type=positive_int, default=256,
                        help="width of the MLP and the attention; of each LSTM direction")
     model.add_argument("--layers", type=positive_int, default=2, help="--head bilstm: bidirectional layers")
+    model.add_argument("--subsample", type=positive_int, default=1,
+                       help="--task ctc: frames stacked side by side into one output step (2: 50 per second)")
     model.add_argument("--dropout", type=float, default=0.1)
     model.add_argument("--freeze", choices=("all", "encoder", "none"), default="all",
                        help="all: train the head on cached features; encoder: context and head train; "

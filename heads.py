@@ -45,6 +45,7 @@ class HeadConfig:
     hidden: int = 256  # width of the MLP and of the attention; ctc: of each LSTM direction
     dropout: float = 0.1
     lstm_layers: int = 2  # ctc "bilstm": bidirectional layers
+    subsample: int = 1  # ctc: frames stacked into one output frame (2: 50 outputs per second)
     units: str = "tokens"  # ctc: what a symbol is, "tokens" or "chars" (labels.tokenize)
     target_mean: float = 0.0  # regression targets are standardised for training; predictions are not
     target_std: float = 1.0
@@ -343,25 +344,40 @@ class Recognizer(FineTuned):
 
     def __init__(self, config: HeadConfig, backbone_config: Wav2VecConfig | None):
         super().__init__(config, backbone_config)
-        width = config.channels
+        width = config.channels * config.subsample
         if config.head == "bilstm":
-            self.rnn = BiLSTM(config.channels, config.hidden, config.lstm_layers, config.dropout)
+            self.rnn = BiLSTM(width, config.hidden, config.lstm_layers, config.dropout)
             width = 2 * config.hidden
         self.out = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, config.outputs))
+
+    @property
+    def shortest_input(self) -> int:
+        """Samples at 16 kHz that make one output frame (`subsample` frames)."""
+        return super().shortest_input + (self.config.subsample - 1) * FRAME_HOP
 
     @property
     def causal(self) -> bool:
         """Whether no frame's output depends on later audio: per-frame LayerNorm, the causal context network
         and a per-frame (linear) head on z or c."""
-        return (self.backbone is not None and self.backbone.config.norm == "layer"
-                and self.config.head == "linear" and self.config.layer in ("z", "c"))
+        config = self.config
+        return (self.backbone is not None and self.backbone.config.norm == "layer" and config.head == "linear"
+                and config.layer in ("z", "c") and config.subsample == 1)
+
+    def output_lengths(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Output frames (log-probability rows) for `frames` input frames: subsampling drops a ragged end."""
+        return frames // self.config.subsample
 
     def head(self, frames: torch.Tensor, mask: torch.Tensor, mask_spans: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Padded frames (B, [layers,] C, T) and mask (B, T) -> log-probabilities (B, T, symbols + 1)."""
+        """Padded frames (B, [layers,] C, T) and mask (B, T) -> log-probabilities (B, T / subsample, symbols
+        + 1), of which the first output_lengths(mask.sum(-1)) of each row are valid."""
         x = self.standardised(frames, mask, mask_spans, generator).transpose(1, 2)  # (B, T, C)
+        s = self.config.subsample
+        if s > 1:  # neighbouring frames side by side: (B, T / s, s C)
+            steps = x.shape[1] // s
+            x = x[:, :steps * s].reshape(len(x), steps, x.shape[-1] * s)
         if self.config.head == "bilstm":
-            x = self.rnn(x, mask.sum(-1))
+            x = self.rnn(x, self.output_lengths(mask.sum(-1)))
         return self.out(x).float().log_softmax(-1)
 
     def targets(self, targets: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,22 +392,28 @@ class Recognizer(FineTuned):
         """CTC loss per target symbol, averaged over the batch. Files too short for their transcript are
         removed before training (finetune.py), so no infinite loss is zeroed here behind anyone's back."""
         ids, lengths = targets
-        return F.ctc_loss(outputs.transpose(0, 1), ids, mask.sum(-1), lengths, blank=BLANK, reduction="mean")
+        return F.ctc_loss(outputs.transpose(0, 1), ids, self.output_lengths(mask.sum(-1)), lengths,
+                          blank=BLANK, reduction="mean")
 
     def symbols(self, path: Sequence[int]) -> list[str]:
         return [self.config.labels[i - 1] for i in path]
 
     def describe(self, outputs: torch.Tensor, mask: torch.Tensor) -> list[dict]:
         """Log-probabilities (B, T, V) and mask (B, T) -> {"transcript"} per row (greedy decoding)."""
-        paths = greedy_paths(outputs, mask.sum(-1))
+        paths = greedy_paths(outputs, self.output_lengths(mask.sum(-1)))
         return [{"transcript": detokenize(self.symbols(path), self.config.units)} for path in paths]
 
     @torch.no_grad()
+    def recognize(self, wav: np.ndarray | torch.Tensor | str | Path) -> tuple[torch.Tensor, str]:
+        """One file or 16 kHz waveform (L,) -> (log-probabilities (frames, symbols + 1), its transcript)."""
+        self.eval()
+        frames, mask = pad_frames([self.frames(self.latent(self.waveform(wav)))])
+        log_probs = self.head(frames, mask)
+        return log_probs[0], self.describe(log_probs, mask)[0]["transcript"]
+
     def transcribe(self, wav: np.ndarray | torch.Tensor | str | Path) -> str:
         """One file or 16 kHz waveform (L,) -> its transcript: tokens joined by spaces, or words."""
-        self.eval()
-        log_probs = self([self.waveform(wav)])
-        return self.describe(log_probs, torch.ones(log_probs.shape[:2], dtype=torch.bool))[0]["transcript"]
+        return self.recognize(wav)[1]
 
     def streamer(self) -> StreamingTranscriber:
         """A stateful recognizer: `s.push(chunk)` takes audio as it arrives and returns the symbols it

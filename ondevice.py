@@ -4,6 +4,8 @@ and the drivers that run them. export.py and bench.py stand on this module.
 Offline graph: wav (B, L) -> z (B, C, T), c (B, C, T), any B and L (at least the receptive field).
 Classifier graph (a finetune.py model, backbone and head): wav (1, L) -> `logits` and `probabilities`
 (1, classes), or `value` (1,) for a regressor; every frame of the file is pooled, as Classifier.predict does.
+Recognizer graph (a finetune.py --task ctc model): wav (1, L) -> `log_probs` (1, T, symbols + 1), CTC
+log-probabilities per frame, the blank first (the symbols are in the metadata's head_config).
 Streaming graph (model.StreamingStep, norm="layer" models only): inputs `hop` (1, 160 H) and `state_in_0..N`,
 outputs `z` (1, C, H), `c` (1, C, H) and `state_out_0..N`, for H = `hops_per_call` (in the ONNX metadata; 1
 by default). Start from zeros of the declared state shapes (the last state is the int64 hop counter, a
@@ -27,8 +29,9 @@ from data import SAMPLE_RATE, find_audio_files, load_audio
 from model import StreamingStep, Wav2Vec
 from utils import UserError
 
-# A fine-tuned model (heads.Classifier) is exported through its own export_graph(): backbone and head as one
-# module with `output_names`; this module needs nothing else of it but `backbone`, `config` and parameters.
+# A fine-tuned model (heads.Classifier, heads.Recognizer) is exported through its own export_graph(): backbone
+# and head as one module with `form`, `output_names` and `output_axes` (its dynamic output axes); this
+# module needs nothing else of it but `backbone`, `config` and parameters.
 FineTuned = nn.Module
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,7 @@ def graph_metadata(model: Wav2Vec | FineTuned, streaming: bool, hops: int = 1) -
     """What a runtime needs beside the graph: the form, stride, warm-up hops, the model config (and a
     classifier's head config, with its label names)."""
     if not isinstance(model, Wav2Vec):
-        return {**graph_metadata(model.backbone, False), "form": "classifier",
+        return {**graph_metadata(model.backbone, False), "form": model.export_graph().form,
                 "head_config": json.dumps(model.config.to_dict())}
     meta = {"form": "streaming" if streaming else "offline", "stride": str(model.config.stride),
             "receptive_field": str(model.receptive_field), "config": json.dumps(model.config.to_dict())}
@@ -115,7 +118,7 @@ def export_onnx(model: Wav2Vec | FineTuned, path: Path, streaming: bool = False,
             torch.onnx.export(module, example, dynamo=True, input_names=inputs, output_names=outputs,
                               dynamic_shapes=None if streaming else dims).save(str(path))
         else:
-            axes = ({"wav": {1: "samples"}} if classifier else
+            axes = ({"wav": {1: "samples"}, **module.output_axes} if classifier else
                     {"wav": {0: "batch", 1: "samples"}, "z": {0: "batch", 2: "frames"},
                      "c": {0: "batch", 2: "frames"}})
             torch.onnx.export(module, example, str(path), input_names=inputs, output_names=outputs,
@@ -197,7 +200,7 @@ def onnx_session(path: Path, threads: int = 1):
 
 def onnx_offline(session, wav: np.ndarray) -> dict[str, np.ndarray]:
     """wav (L,) or (B, L) through an offline graph -> {"z": (B, C, T), "c": (B, C, T)}; through a classifier
-    graph (B = 1) -> {"logits", "probabilities"} or {"value"}."""
+    graph (B = 1) -> {"logits", "probabilities"} or {"value"}; through a recognizer graph -> {"log_probs"}."""
     wav = np.ascontiguousarray(np.atleast_2d(wav), dtype=np.float32)
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(names, {"wav": wav}), strict=True))

@@ -294,12 +294,12 @@ def draw_learning_curve(curve: Sequence[dict], baselines: dict[str, float], path
 POSTERIOR_SHOWN = 0.1  # a symbol gets a row in a posteriorgram if its posterior reaches this somewhere
 
 
-def plot_posteriorgram(files: Sequence[dict], symbols: Sequence[str], window: int, path: Path,
+def plot_posteriorgram(files: Sequence[dict], symbols: Sequence[str], window: int, hop: int, path: Path,
                        title: str) -> None:
     """For each file ({"name", "wav" (L,), "posteriors" (T, V), "reference", "transcript"}): its log-mel
     spectrogram above its frame-by-frame CTC posteriors (symbols[0] is the blank; a row for every symbol that
-    reaches POSTERIOR_SHOWN or is in the reference or the transcript), both on one time axis (a frame covers
-    `window` samples), with the reference and the transcript written under it."""
+    reaches POSTERIOR_SHOWN or is in the reference or the transcript), both on one time axis (output frame t
+    covers samples [hop t, hop t + window)), with the reference and the transcript written under it."""
     fig = Figure(figsize=(12, 5.2 * len(files)), layout="constrained")
     rows = fig.subfigures(len(files), 1, squeeze=False)[:, 0]
     for row, item in zip(rows, files, strict=True):
@@ -312,12 +312,12 @@ def plot_posteriorgram(files: Sequence[dict], symbols: Sequence[str], window: in
         shown = [i for i, symbol in enumerate(symbols)
                  if i == 0 or probabilities[:, i].max() >= POSTERIOR_SHOWN or symbol in words
                  or (len(symbol) == 1 and symbol in item["reference"] + item["transcript"])]
-        left, right = frame_extent(len(probabilities), window)
+        left, right = frame_extent(len(probabilities), window, hop)
         image = posteriors.imshow(probabilities[:, shown].T, aspect="auto", origin="lower", cmap="Greys",
                                   vmin=0, vmax=1, interpolation="nearest",
                                   extent=(left, right, -0.5, len(shown) - 0.5))
         posteriors.set_yticks(range(len(shown)), [symbols[i] for i in shown], fontsize=7)
-        posteriors.set(ylabel="symbol", xlabel="time (s)", title="CTC posteriors per 10 ms frame")
+        posteriors.set(ylabel="symbol", xlabel="time (s)", title=f"CTC posteriors per {hop // 16} ms frame")
         row.colorbar(image, ax=posteriors, label="posterior", shrink=0.8)
         posteriors.text(0, -0.22, f"reference:  {item['reference']}\ntranscript: {item['transcript']}",
                         transform=posteriors.transAxes, va="top", fontsize=9, family="monospace", wrap=True)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from audio import write_tone  # noqa: E402 (after the path: the helpers import the modules)
 from weights import random_checkpoint  # noqa: E402
 
-from demo import make_demo_corpus  # noqa: E402
+from demo import make_demo_corpus, make_transcribed_corpus  # noqa: E402
 
 # One intra-op thread, fixed so that timings and results are stable: tiny models gain nothing from a second,
 # and on a 2-core machine shared with other jobs two OpenMP threads that wait for each other made 15 updates
@@ -50,6 +50,14 @@ def demo_corpus(tmp_path_factory) -> Path:
     """6 files of 1 s from 2 speakers, with per-frame labels (read only)."""
     return make_demo_corpus(tmp_path_factory.mktemp("corpus"), num_speakers=2, files_per_speaker=3,
                             seconds_per_file=1.0)
+
+
+@pytest.fixture(scope="session")
+def transcribed(tmp_path_factory) -> Path:
+    """48 files of 1.5 s from 2 speakers with transcripts of the demo's units in transcripts.tsv (`text`:
+    words of the letters a e i o u s; `letters`: the same as space-separated tokens; read only)."""
+    return make_transcribed_corpus(tmp_path_factory.mktemp("words"), num_speakers=2, files_per_speaker=24,
+                                   seconds_per_file=1.5)
 
 
 @pytest.fixture(scope="session")

@@ -55,3 +55,14 @@ def run_finetune(tmp_path: Path, data_dir: Path, *flags: str, checkpoint: str = 
     finetune.main(["--checkpoint", checkpoint, "--data-dir", str(data_dir), "--labels", labels,
                    "--output-dir", str(out), "--threads", "1", *flags])
     return json.loads((out / "metrics.json").read_text())
+
+
+def run_recognition(tmp_path: Path, data_dir: Path, *flags: str, checkpoint: str = "mfcc",
+                    out: str = "ctc") -> dict:
+    """finetune.py --task ctc on conftest.py's transcribed corpus (its `letters` as tokens, one speaker held
+    out per fold), in this process; returns its metrics.json."""
+    finetune.main(["--task", "ctc", "--checkpoint", checkpoint, "--data-dir", str(data_dir),
+                   "--labels", str(data_dir / "transcripts.tsv"), "--label-column", "letters",
+                   "--group-column", "speaker", "--folds", "0", "--valid-fraction", "0", "--batch-size", "8",
+                   "--threads", "1", "--output-dir", str(tmp_path / out), *flags])
+    return json.loads((tmp_path / out / "metrics.json").read_text())

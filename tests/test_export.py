@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from weights import fine_tuned, save_weights
+from weights import fine_tuned, recognizer, save_weights
 
 import export
 import ondevice
 from demo import make_demo_corpus
-from heads import Classifier, HeadConfig
+from heads import Classifier, HeadConfig, greedy_paths
 from model import UserError, Wav2Vec, Wav2VecConfig
 
 
@@ -134,6 +134,30 @@ def test_a_fine_tuned_head_exports_with_its_backbone_as_one_graph_equal_to_predi
             np.testing.assert_allclose(got["probabilities"][0], want_probabilities, rtol=1e-4)
         else:
             np.testing.assert_allclose(got["value"], [want["value"]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("head", [{"head": "linear", "layer": "z"},
+                                  {"head": "bilstm", "layer": "all", "subsample": 2}])
+def test_a_recognizer_exports_as_one_graph_whose_log_probabilities_and_transcript_equal_pytorch(tmp_path,
+                                                                                                 head):
+    model, path = recognizer(**head), tmp_path / "recognizer.onnx"
+    ondevice.export_onnx(model, path)
+    session = ondevice.onnx_session(path)
+    assert session.get_modelmeta().custom_metadata_map["form"] == "recognizer"
+    for length in (model.shortest_input, 3001, 8000):  # the graph's length is dynamic
+        wav = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+        got = ondevice.onnx_offline(session, wav)["log_probs"]
+        want, transcript = model.recognize(wav)
+        np.testing.assert_allclose(got[0], want.numpy(), rtol=1e-4, atol=1e-4)
+        path_ids = greedy_paths(torch.from_numpy(got), torch.tensor([got.shape[1]]))[0]
+        assert " ".join(model.symbols(path_ids)) == transcript
+
+
+def test_export_cli_checks_a_recognizer_against_pytorch(tmp_path):
+    checkpoint = tmp_path / "finetuned.pt"
+    torch.save(recognizer(head="bilstm").payload({}), checkpoint)  # what finetune.py --task ctc writes
+    report = export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.onnx")])
+    assert report["form"] == "recognizer" and report["max_abs_diff_to_pytorch"] < 1e-4
 
 
 def test_export_cli_writes_a_fine_tuned_model_as_onnx_torchscript_and_int8(tmp_path):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from audio import write_tone
-from scripts import REPO, run_finetune
 
 import finetune
 from heads import Classifier, HeadConfig
 from model import UserError, read_checkpoint
+from scripts import REPO, run_finetune, run_recognition
 
 
 def write_table(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
@@ -61,6 +61,19 @@ def test_regression_on_a_continuous_target_reaches_a_high_correlation(tmp_path):
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_csv_tsv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def write_tsv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones, checkpoint32):
@@ -166,3 +179,66 @@ def test_the_old_min_lr_ratio_flag_still_sets_the_floor_and_warns(capsys):
                                       "--lr", "1e-2", "--min-lr-ratio", "0.1"])
     assert args.min_lr == pytest.approx(1e-3)
     assert "warning: --min-lr-ratio R is now --min-lr" in capsys.readouterr().err
+
+
+# ----- speech recognition (--task ctc) ------------------------------------------------------------
+
+def test_ctc_on_frozen_features_transcribes_unseen_speakers_far_better_than_chance(tmp_path, transcribed):
+    metrics = run_recognition(tmp_path, transcribed, "--lr", "3e-2", "--epochs", "100")
+    assert metrics["n_tested"] == 48 and set(metrics["folds"]) == {"speaker00", "speaker01"}
+    assert metrics["per"] < 60  # saying nothing scores 100, guessing more
+    rows = read_csv(tmp_path / "ctc" / "predictions.csv")
+    assert list(rows[0]) == ["path", "fold", "reference", "errors", "length", "transcript"]
+    assert sum(int(r["errors"]) for r in rows) / sum(int(r["length"]) for r in rows) == pytest.approx(
+        metrics["per"] / 100)
+    assert (tmp_path / "ctc" / "posteriorgram.png").stat().st_size > 10_000
+
+
+def test_a_test_symbol_no_training_file_has_is_an_error_naming_it_or_skipped(tmp_path, transcribed):
+    rows = read_csv_tsv(transcribed / "transcripts.tsv")
+    rows[-1]["letters"] += " x"  # the last file, a test file of speaker01's fold
+    labels = write_tsv(tmp_path / "t.tsv", rows)
+    flags = ["--labels", str(labels), "--epochs", "1"]
+    with pytest.raises(UserError, match=r"speaker01_023.wav has the symbol 'x', which no training file of "
+                                        r"fold speaker01 has \(1 test files"):
+        run_recognition(tmp_path, transcribed, *flags)
+    metrics = run_recognition(tmp_path, transcribed, *flags, "--skip-unknown")
+    assert metrics["n_tested"] == 47
+
+
+def test_files_too_short_for_their_transcripts_are_named_and_left_out(tmp_path, transcribed, capsys):
+    rows = read_csv_tsv(transcribed / "transcripts.tsv")
+    rows[0]["letters"] = " ".join(["a", "e"] * 40)  # 80 symbols, no repeats
+    rows[1]["letters"] = " ".join(["a"] * 75)  # 75 symbols and 74 repeats
+    metrics = run_recognition(tmp_path, transcribed, "--labels", str(write_tsv(tmp_path / "t.tsv", rows)),
+                              "--epochs", "1", "--subsample", "2")  # 148 frames of 1.5 s: 74 outputs
+    assert metrics["n_tested"] == 46
+    log = capsys.readouterr().err
+    assert "2 files are too short for their transcripts" in log
+    assert "speaker00_000.wav (74 frames, 80 needed), speaker00/speaker00_001.wav (74 frames, 149" in log
+
+
+def test_predict_transcribes_as_the_trained_model_did(tmp_path, transcribed):
+    run_recognition(tmp_path, transcribed, "--epochs", "3", "--head", "bilstm", "--hidden", "8", "--layers",
+                    "1", "--subsample", "2", "--max-folds", "1")
+    trained = {row["path"]: row["transcript"] for row in read_csv(tmp_path / "ctc" / "predictions.csv")}
+    finetune.main(["predict", "--model", str(tmp_path / "ctc" / "finetuned.pt"), "--data-dir",
+                   str(transcribed), "--output", str(tmp_path / "new.csv")])
+    predicted = {row["path"]: row["transcript"] for row in read_csv(tmp_path / "new.csv")}
+    assert len(predicted) == 48 and {name: predicted[name] for name in trained} == trained
+
+
+def test_resume_takes_the_finished_folds_and_runs_only_the_rest(tmp_path, transcribed, monkeypatch):
+    first = run_recognition(tmp_path, transcribed, "--epochs", "2", "--max-folds", "1")
+    trained = []
+    real = finetune.train_fold
+    monkeypatch.setattr(finetune, "train_fold", lambda args, name, *rest: trained.append(name) or real(
+        args, name, *rest))
+    both = run_recognition(tmp_path, transcribed, "--epochs", "2", "--resume")
+    assert trained == ["speaker01"]  # speaker00's fold was on disk
+    assert both["folds"]["speaker00"] == first["folds"]["speaker00"]
+    with pytest.raises(UserError, match=r"other settings \(--epochs differ\): drop --resume"):
+        run_recognition(tmp_path, transcribed, "--epochs", "3", "--resume")
+    trained.clear()
+    run_recognition(tmp_path, transcribed, "--epochs", "2")  # without --resume: start over
+    assert trained == ["speaker00", "speaker01"]

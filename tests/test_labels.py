@@ -4,7 +4,19 @@ import numpy as np
 import pytest
 from audio import write_tone
 
-from labels import cross_validation, fsdd_test_mask, labelled_files, labels_at_centres, read_labels
+from labels import (
+    cross_validation,
+    detokenize,
+    fsdd_test_mask,
+    labelled_files,
+    labels_at_centres,
+    read_labels,
+    recognition_metrics,
+    tokenize,
+    transcript_errors,
+    unknown_symbols,
+    vocabulary,
+)
 from model import UserError
 
 # ----- label sources ------------------------------------------------------------------------------
@@ -100,3 +112,70 @@ def test_feature_frames_take_the_label_at_their_centre():
     assert list(labels_at_centres(frame_labels, 3, window=465)) == [1, 2, 3]
     # The last feature frames may reach past the labels: they take the last label.
     assert labels_at_centres(frame_labels, 12, window=465)[-1] == 9
+
+
+# ----- transcripts --------------------------------------------------------------------------------
+
+def test_tokens_are_the_space_separated_symbols():
+    assert tokenize("  HH  AH L OW ", "tokens") == ["HH", "AH", "L", "OW"]
+    assert detokenize(["HH", "AH"], "tokens") == "HH AH"
+
+
+def test_chars_are_case_folded_letters_and_apostrophes_with_a_boundary_between_words():
+    symbols = tokenize("We're  FINE, Bob-Smith!", "chars")
+    assert "".join(symbols) == "we're|fine|bob|smith"
+    assert detokenize(symbols, "chars") == "we're fine bob smith"
+    assert detokenize(list("|a||b|"), "chars") == "a b"  # stray boundaries make no empty words
+
+
+def test_the_vocabulary_is_every_symbol_once_and_unknown_ones_are_found_in_order():
+    known = vocabulary([["b", "a"], ["a", "c"]])
+    assert known == ("a", "b", "c")
+    assert unknown_symbols(["a", "z", "y", "z"], known) == ["z", "y"]
+
+
+def test_error_rates_are_corpus_level_edits_over_the_reference_length():
+    # one deletion in 3 phones, one insertion in 2: 2 edits in 5, not the mean of 1/3 and 1/2
+    metrics = recognition_metrics(["a b c", "d e"], ["a c", "d e f"], "tokens")
+    assert metrics["per"] == pytest.approx(40.0)
+    assert metrics["edits"] == 2 and metrics["reference_length"] == 5
+    chars = recognition_metrics(["hi there", "ok"], ["hi ther", "ok"], "chars")
+    assert chars["cer"] == pytest.approx(10.0)  # 1 edit in 10 characters, the space included
+    assert chars["wer"] == pytest.approx(100 / 3)  # "there" is wrong: 1 word in 3
+    assert transcript_errors("a b", "", "tokens") == (2, 2)  # an empty transcript deletes everything
+
+
+def write_transcripts(folder, rows):
+    for name in {row[0] for row in rows if row[0] != "gone.wav"}:
+        write_tone(folder / name, 440, 0.1)
+    (folder / "t.tsv").write_text("path\tspeaker\ttext\n" + "".join("\t".join(r) + "\n" for r in rows))
+    return folder / "t.tsv"
+
+
+def test_transcribed_files_skip_empty_transcripts_and_name_rows_without_audio(tmp_path, caplog):
+    tsv = write_transcripts(tmp_path, [("a.wav", "ann", "HH AH"), ("b.wav", "bob", "  "),
+                                       ("gone.wav", "cy", "OW")])
+    data = labelled_files(tmp_path, str(tsv), "text", task="ctc")
+    assert data.names == ["a.wav"] and data.targets[0] == ["HH", "AH"] and data.skipped == 1
+    assert "1 files have an empty transcript (b.wav)" in caplog.text
+    assert "1 rows of t.tsv name audio that is not under" in caplog.text and "gone.wav" in caplog.text
+
+
+def test_a_missing_label_column_is_named_with_the_columns_there_are(tmp_path):
+    tsv = write_transcripts(tmp_path, [("a.wav", "ann", "HH AH")])
+    with pytest.raises(UserError, match="no column `phones` \\(it has path, speaker, text\\)"):
+        labelled_files(tmp_path, str(tsv), "phones", task="ctc")
+
+
+def test_test_groups_make_one_fixed_fold_and_must_exist(tmp_path):
+    tsv = write_transcripts(tmp_path, [("a.wav", "ann", "A"), ("b.wav", "bob", "B"), ("c.wav", "cy", "C")])
+    (tmp_path / "test.txt").write_text("# the test speakers\nbob cy\n")
+    data = labelled_files(tmp_path, str(tsv), "text", "speaker", task="ctc",
+                          test_groups=str(tmp_path / "test.txt"))
+    assert data.test_mask.tolist() == [False, True, True]
+    description, folds = cross_validation(data.targets, 5, 0, data.test_mask, fixed_split="fixed")
+    assert description == "fixed" and [f[2].tolist() for f in folds] == [[1, 2]]
+    assert labelled_files(tmp_path, str(tsv), "text", "speaker", task="ctc",
+                          test_groups="ann").test_mask.tolist() == [True, False, False]
+    with pytest.raises(UserError, match="dan are not among the groups"):
+        labelled_files(tmp_path, str(tsv), "text", "speaker", task="ctc", test_groups="ann,dan")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from heads import Classifier, HeadConfig
+from heads import Classifier, HeadConfig, Recognizer
 from model import Wav2Vec, Wav2VecConfig
 
 
@@ -37,5 +37,19 @@ def fine_tuned(task: str, **head) -> Classifier:
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
         model.feature_mean.normal_()
+        model.feature_std.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def recognizer(preset: str = "wav2vec", **head) -> Recognizer:
+    """A CTC recognizer of 5 symbols on a tiny backbone of `preset` (8 channels), with the standardisation and
+    every weight moved off its initial value, as training would."""
+    torch.manual_seed(0)
+    config = HeadConfig(task="ctc", labels=("a", "b", "c", "d", "e"), channels=8, num_layers=9, hidden=8,
+                        lstm_layers=1, **head)
+    model = Recognizer(config, Wav2VecConfig.preset(preset, channels=8))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
         model.feature_std.uniform_(0.5, 2.0)
     return model.eval()
