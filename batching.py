@@ -9,7 +9,11 @@ frames its head reads. What is frozen is computed once per file and cached ("fra
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,10 @@ from tqdm import tqdm
 
 from data import FRAME_HOP, SAMPLE_RATE, augment, change_speed, load_audio
 from heads import FineTuned, pad_frames
-from utils import UserError
+from labels import first_few
+from utils import UserError, temporary_beside
+
+log = logging.getLogger(__name__)
 
 STATS_FILES = 200  # training files, spread over the fold, whose frames set the head's standardisation
 
@@ -55,6 +62,23 @@ def prepare_inputs(model: FineTuned, paths: Sequence[Path], stage: str, device: 
     return inputs
 
 
+def cached_inputs(cache_dir: Path | None, key: dict, compute: Callable[[], list]) -> list:
+    """compute()'s inputs, or with a cache folder those a run with the same key (backbone, stage, layer,
+    files) kept there: the frozen frames are computed once for every head and recipe tried on them."""
+    if cache_dir is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"inputs_{key['stage']}_{digest}.pt"
+    if path.is_file():
+        log.info("inputs from the cache %s", path)
+        return torch.load(path, weights_only=True)
+    inputs = compute()
+    tmp = temporary_beside(path)
+    torch.save(inputs, tmp)
+    os.replace(tmp, path)  # whole or absent: an interrupted save leaves no cache to trust
+    return inputs
+
+
 def frame_counts(model: FineTuned, inputs: Sequence) -> np.ndarray:
     """(items,) the number of frames the head sees for each input, whatever its stage."""
     def count(item) -> int:
@@ -62,6 +86,21 @@ def frame_counts(model: FineTuned, inputs: Sequence) -> np.ndarray:
             return model.num_frames(len(item))
         return item.shape[-1]
     return np.array([count(item) for item in inputs])
+
+
+def ctc_feasible(model: FineTuned, transcripts: Sequence[Sequence[str]], names: Sequence[str],
+                 inputs: Sequence, speed: float = 0.0) -> np.ndarray:
+    """(files,) whether each file has output frames enough for its transcript: CTC needs one per symbol and
+    one more between equal neighbours, in the fewest frames speed perturbation can leave. The others are
+    named and counted in a warning, for the caller to leave out."""
+    frames = model.output_lengths(np.floor(frame_counts(model, inputs) / (1 + speed)).astype(int))
+    needed = np.array([len(t) + sum(a == b for a, b in zip(t, t[1:], strict=False)) for t in transcripts])
+    short = np.flatnonzero(frames < needed)
+    if len(short):
+        named = [f"{names[i]} ({int(frames[i])} frames, {needed[i]} needed)" for i in short]
+        log.warning("%d files are too short for their transcripts (CTC needs an output frame per symbol, and "
+                    "one more between repeats): %s: skipped", len(short), first_few(named))
+    return frames >= needed
 
 
 def crop(item: np.ndarray | torch.Tensor, length: int, rng: np.random.Generator) -> np.ndarray | torch.Tensor:

@@ -1,13 +1,24 @@
-"""Fine-tune a pre-trained wav2vec (or MFCCs, or the network from scratch) into a classifier or regressor.
+"""Fine-tune a pre-trained wav2vec (or MFCCs, or the network from scratch) into a classifier, a regressor or
+a speech recognizer.
 
     python finetune.py --checkpoint CKPT|random:CKPT|mfcc --data-dir DIR --labels SOURCE --output-dir runs/ft
-                       [--task classify|regress] [--group-column speaker | --split fsdd-official]
+                       [--task classify|regress|ctc] [--group-column speaker | --split fsdd-official]
                        [--freeze all|encoder|none] [--layer c|z|all] [--pool mean|mean+std|attentive]
-                       [--head linear|mlp] [--epochs N] [--max-updates N] [--max-minutes M] [--threads 1]
+                       [--head linear|mlp|bilstm] [--epochs N] [--max-updates N] [--max-minutes M]
+    python finetune.py --task ctc --labels metadata.tsv --label-column phones --units tokens|chars ...
     python finetune.py predict --model runs/ft/finetuned.pt --data-dir NEW --output predictions.csv
 
 In Python: `Classifier.from_pretrained("runs/ft/finetuned.pt").predict(wav)` (wav: 16 kHz float array or a
-path) gives {"label", "probabilities"} or {"value"}.
+path) gives {"label", "probabilities"} or {"value"}; `Recognizer.from_pretrained(path).transcribe(wav)` a
+transcript.
+
+- --task ctc: speech recognition. The label column holds a transcript: --units tokens (space-separated
+  symbols, e.g. phones) or chars (letters and apostrophes, case folded, | between words). The vocabulary
+  is that of each fold's training files; a test transcript with another symbol is an error (--skip-unknown
+  skips such files). Heads: linear (SUPERB's phone recognition) or bilstm (--hidden, --layers; --subsample
+  stacks frames into fewer outputs), CTC loss on length-bucketed batches of whole files, greedy decoding;
+  empty transcripts and files too short for their transcript are named and left out. Outputs: PER (tokens)
+  or CER and WER (chars), predictions.csv with the edits per file, posteriorgram.png.
 
 - --checkpoint: a checkpoint of main.py or fairseq's wav2vec 1.0; `random:CKPT`: CKPT's network randomly
   initialised (training from scratch with --freeze none: the baseline to compare CKPT with); `random`: the
@@ -31,11 +42,13 @@ path) gives {"label", "probabilities"} or {"value"}.
   stratified (classify) or plain (regress) k-fold. Each fold holds out --valid-fraction of its training
   groups (or files) for early stopping; the best model on them is kept. A budget (--epochs, --max-updates,
   --max-minutes) applies to each fold; --max-folds runs only the first folds.
+- --test-groups FILE_OR_LIST (with --group-column): one fixed test fold, the files of those groups.
 - Outputs in --output-dir: metrics.json (over all tested files, and per fold), predictions.csv (every
   tested file: fold, true, predicted, probabilities), confusion_matrix.png or scatter.png, finetuned.pt
   (the model of the fold with the best validation score, named in metrics.json's saved_model; the last
   fold's without validation files: backbone config and weights, head, label names, the flags; loads with
-  torch.load(weights_only=True)), train.log and TensorBoard curves in tensorboard/.
+  torch.load(weights_only=True)), train.log and TensorBoard curves in tensorboard/. Each fold is saved in
+  folds/ as it ends; --resume takes the finished ones (of the same settings) and runs the rest.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -64,7 +78,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from batching import (
     batch_frames,
     bucketed_batches,
+    cached_inputs,
     cached_stage,
+    ctc_feasible,
     frame_counts,
     prepare_inputs,
     set_feature_statistics,
@@ -80,12 +96,11 @@ from labels import (
     cross_validation,
     detokenize,
     error_rate_name,
-    first_few,
+    known_symbol_folds,
     labelled_files,
     recognition_metrics,
     regression_metrics,
     transcript_errors,
-    unknown_symbols,
     vocabulary,
 )
 from model import Wav2VecConfig
@@ -114,7 +129,7 @@ log = logging.getLogger(__name__)
 
 POSTERIORGRAM_FILES = 3  # test files drawn in posteriorgram.png
 # Flags that change nothing a finished fold computed: a --resume may differ in them.
-RUN_FLAGS = ("resume", "threads", "device", "max_folds", "output_dir")
+RUN_FLAGS = ("resume", "threads", "device", "max_folds", "output_dir", "cache_dir")
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -140,41 +155,6 @@ def validation_rows(data: LabelledFiles, train: np.ndarray, fraction: float,
         cut = max(1, round(fraction * len(train)))
         fit, valid = order[cut:], order[:cut]
     return train[np.sort(fit)], train[np.sort(valid)]
-
-
-# ----- recognition: what CTC can learn ----------------------------------------------------------------
-
-def check_test_symbols(args: argparse.Namespace, data: LabelledFiles, folds: list) -> list:
-    """The folds, each test file's transcript checked against the vocabulary of its fold's training files:
-    an unknown symbol is an error naming it and the file, or with --skip-unknown the file is skipped."""
-    checked = []
-    for name, train_rows, test_rows in folds:
-        known = vocabulary(data.targets[train_rows])
-        unknown = {i: unknown_symbols(data.targets[i], known) for i in test_rows}
-        bad = [i for i in test_rows if unknown[i]]
-        if bad and not args.skip_unknown:
-            raise UserError(f"{data.names[bad[0]]} has the symbol {unknown[bad[0]][0]!r}, which no training "
-                            f"file of fold {name} has ({len(bad)} test files have such symbols): fix the "
-                            "transcripts, or give --skip-unknown to skip those files.")
-        if bad:
-            log.warning("fold %s: %d test files have symbols outside the training vocabulary (%s): skipped",
-                        name, len(bad), first_few([f"{data.names[i]}: {' '.join(unknown[i])}" for i in bad]))
-        checked.append((name, train_rows, np.setdiff1d(test_rows, bad)))
-    return checked
-
-
-def ctc_feasible(model: FineTuned, data: LabelledFiles, inputs: list, speed: float) -> np.ndarray:
-    """(files,) whether each file has frames enough for its transcript: CTC needs one per symbol and one more
-    between equal neighbours, in the fewest frames speed perturbation can leave. The others are named,
-    counted and left out."""
-    frames = model.output_lengths(np.floor(frame_counts(model, inputs) / (1 + speed)).astype(int))
-    needed = np.array([len(t) + sum(a == b for a, b in zip(t, t[1:], strict=False)) for t in data.targets])
-    short = np.flatnonzero(frames < needed)
-    if len(short):
-        named = [f"{data.names[i]} ({int(frames[i])} frames, {needed[i]} needed)" for i in short]
-        log.warning("%d files are too short for their transcripts (CTC needs an output frame per symbol, and "
-                    "one more between repeats): %s: skipped", len(short), first_few(named))
-    return frames >= needed
 
 
 # ----- training one fold -------------------------------------------------------------------------
@@ -520,6 +500,16 @@ def saved_fold(tested: list[tuple[str, np.ndarray, FoldResult]]) -> tuple[str, n
 
 # ----- command line -------------------------------------------------------------------------------
 
+def input_key(args: argparse.Namespace, data: LabelledFiles, stage: str) -> dict:
+    """What the cached inputs of a run depend on: the backbone (its file's size and time, the seed of a random
+    one), the stage, the layer and the files."""
+    checkpoint = Path(args.checkpoint.removeprefix("random:"))
+    stat = checkpoint.stat() if checkpoint.is_file() else None
+    return {"checkpoint": args.checkpoint, "file": stat and [stat.st_size, stat.st_mtime_ns], "stage": stage,
+            "seed": args.seed if args.checkpoint.startswith("random") else None, "layer": args.layer,
+            "files": hashlib.sha256("\n".join(map(str, data.paths)).encode()).hexdigest()}
+
+
 def backbone_weights(spec: str, seed: int) -> tuple[Wav2VecConfig, dict] | None:
     """(config, state dict) of the starting backbone: a checkpoint, a random network (of a checkpoint's
     configuration for random:CKPT, else the base one), or None for MFCCs."""
@@ -546,7 +536,7 @@ def train(args: argparse.Namespace) -> dict:
                                           fixed_split=fixed or "FSDD official split")
     folds = folds[:args.max_folds or None]
     if args.task == "ctc":
-        folds = check_test_symbols(args, data, folds)
+        folds = known_symbol_folds(data, folds, args.skip_unknown)
     kind = {"classify": f"{len(data.classes)} classes", "regress": "regression"}.get(args.task, "transcripts")
     log.info("%d files, %s, %s; %s", len(data.names), kind, description,
              f"{len(folds)} folds" + (f", running {args.max_folds}" if args.max_folds else ""))
@@ -555,10 +545,11 @@ def train(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         template = build_model(args, data, backbone, data.targets).to(device)
-    inputs = prepare_inputs(template, data.paths, stage, device)
+    inputs = cached_inputs(args.cache_dir if stage != "wav" else None, input_key(args, data, stage),
+                           lambda: prepare_inputs(template, data.paths, stage, device))
     log.info("inputs (%s) of %d files ready in %.0f s", stage, len(inputs), time.perf_counter() - start)
     if args.task == "ctc":
-        usable = ctc_feasible(template, data, inputs, args.speed)
+        usable = ctc_feasible(template, data.targets, data.names, inputs, args.speed)
         folds = [(name, train[usable[train]], test[usable[test]]) for name, train, test in folds]
     fold_dir = out / "folds"
     if not args.resume:
@@ -674,6 +665,8 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     evaluation.add_argument("--patience", type=positive_int, default=10,
                             help="validations without improvement before stopping")
     evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--cache-dir", type=Path,
+                            help="keep the frozen inputs (frames or z) here, for later runs on the backbone")
     evaluation.add_argument("--resume", action="store_true",
                             help="take the folds an interrupted run of the same settings finished in "
                                  "--output-dir/folds/, and run the rest (without it, a run starts over)")

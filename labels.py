@@ -294,6 +294,25 @@ def unknown_symbols(symbols: Sequence[str], known: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(symbol for symbol in symbols if symbol not in known))
 
 
+def known_symbol_folds(data: LabelledFiles, folds: list[Split], skip: bool) -> list[Split]:
+    """The folds, each test transcript checked against the vocabulary of its fold's training files: an unknown
+    symbol is an error naming it and the file, or with `skip` (--skip-unknown) the file is left out."""
+    checked = []
+    for name, train_rows, test_rows in folds:
+        known = vocabulary(data.targets[train_rows])
+        unknown = {i: unknown_symbols(data.targets[i], known) for i in test_rows}
+        bad = [i for i in test_rows if unknown[i]]
+        if bad and not skip:
+            raise UserError(f"{data.names[bad[0]]} has the symbol {unknown[bad[0]][0]!r}, which no training "
+                            f"file of fold {name} has ({len(bad)} test files have such symbols): fix the "
+                            "transcripts, or give --skip-unknown to skip those files.")
+        if bad:
+            log.warning("fold %s: %d test files have symbols outside the training vocabulary (%s): skipped",
+                        name, len(bad), first_few([f"{data.names[i]}: {' '.join(unknown[i])}" for i in bad]))
+        checked.append((name, train_rows, np.setdiff1d(test_rows, bad)))
+    return checked
+
+
 def error_rate_name(units: str) -> str:
     """The headline error rate of a recognizer: PER over tokens (phones), CER over characters."""
     return "per" if units == "tokens" else "cer"

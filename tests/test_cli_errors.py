@@ -12,6 +12,7 @@ from weights import fine_tuned
 import bench
 import export
 import extract
+import finetune
 import main
 import probe
 import suite
@@ -151,6 +152,27 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path, tones):
                         "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: None of the 48 audio files") and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_label_column_that_does_not_exist_is_one_sentence_naming_the_columns(tmp_path, transcribed):
+    result = run_script("finetune.py", "--task", "ctc", "--checkpoint", "mfcc", "--data-dir",
+                        str(transcribed), "--labels", str(transcribed / "transcripts.tsv"),
+                        "--label-column", "phones", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "has no column `phones` (it has path, speaker, text, " \
+        "letters): choose one of them with --label-column" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "ctc", "--head", "mlp"], "--task ctc takes --head linear or bilstm, not mlp"),
+    (["--head", "bilstm"], "--task classify takes --head linear or mlp, not bilstm"),
+    (["--split", "fsdd-official", "--test-groups", "a,b"], "alternatives"),
+])
+def test_a_head_the_task_cannot_use_is_refused_before_any_work(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        finetune.parse_train_args(["--checkpoint", "mfcc", "--data-dir", str(tmp_path), "--labels", "folder",
+                                   *flags])
 
 
 # ----- extract.py ---------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
 
 Test speakers: the 20 of docs/speechocean762_test_speakers.txt (see test_speakers for the rule); validation
 speakers for early stopping: --valid-fraction 0.1 of the other 80 (8 speakers). Each row writes
-OUTPUT/NAME/ (metrics.json, predictions.csv, posteriorgram.png, finetuned.pt); a row whose metrics.json
-exists is not run again, so an interrupted table continues where it stopped. OUTPUT/table.md collects them,
+OUTPUT/NAME/ (metrics.json, predictions.csv, posteriorgram.png, finetuned.pt) and keeps the frozen frames
+of each backbone and layer in OUTPUT/cache/ for the other rows; a row whose metrics.json exists is not run
+again, so an interrupted table continues where it stopped. OUTPUT/table.md collects them,
 with the load average each row ran under. Rows run one at a time, on one thread.
 """
 
@@ -68,7 +69,8 @@ def run_row(name: str, flags: list[str], args: argparse.Namespace) -> dict:
     command = [sys.executable, str(REPO / "finetune.py"), "--task", "ctc", "--data-dir", str(args.data_dir),
                "--labels", str(args.data_dir / "metadata.tsv"), "--group-column", "speaker",
                "--test-groups", str(TEST_SPEAKERS), "--valid-fraction", "0.1", "--batch-size", "16",
-               "--threads", "1", "--output-dir", str(out), *units, *flags]
+               "--threads", "1", "--output-dir", str(out), "--cache-dir", str(args.output_dir / "cache"),
+               *units, *flags]
     print(f"== {name}: {' '.join(command[1:])}", flush=True)
     load = os.getloadavg()[0]
     start = time.time()
