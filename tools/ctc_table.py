@@ -29,9 +29,11 @@ from labels import read_group_list  # noqa: E402 (after the path)
 TEST_SPEAKERS = REPO / "docs" / "speechocean762_test_speakers.txt"
 
 LINEAR = ["--head", "linear", "--lr", "2e-2", "--epochs", "40", "--dropout", "0"]
-BILSTM = ["--head", "bilstm", "--hidden", "192", "--layers", "2", "--dropout", "0.2", "--subsample", "2",
-          "--lr", "2e-3", "--epochs", "20"]
-FINETUNE = ["--freeze", "encoder", "--backbone-lr", "2e-4", "--freeze-updates", "0"]
+# bf16: 1.5x faster LSTMs on a CPU with AMX (same PER as fp32 on the demo words); 128 units: 2.2x faster than
+# 192 at 1 to 2 points of PER in the prototype's MFCC runs. A CPU without bf16 instructions: --precision fp32.
+BILSTM = ["--head", "bilstm", "--hidden", "128", "--layers", "2", "--dropout", "0.2", "--subsample", "2",
+          "--lr", "2e-3", "--epochs", "15", "--precision", "bf16"]
+FINETUNE = ["--freeze", "encoder", "--backbone-lr", "1e-4", "--freeze-updates", "100"]
 
 
 def rows(checkpoint: str) -> dict[str, list[str]]:
