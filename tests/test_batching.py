@@ -27,3 +27,18 @@ def test_bucketed_batches_hold_every_row_once_in_batches_of_similar_length():
     assert spread < np.ptp(lengths) / 5  # random batches of 10 would span most of the range
     again = batching.bucketed_batches(rows, lengths, 10, np.random.default_rng(1))
     assert [b.tolist() for b in again] != [b.tolist() for b in batches]  # the order changes with the draw
+
+
+def test_cached_inputs_are_computed_once_per_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [torch.full((2, 3), float(len(calls)))]
+
+    key = {"checkpoint": "a.pt", "stage": "frames", "layer": "c"}
+    first = batching.cached_inputs(tmp_path, key, compute)
+    again = batching.cached_inputs(tmp_path, key, compute)
+    other = batching.cached_inputs(tmp_path, {**key, "layer": "z"}, compute)
+    assert len(calls) == 2 and torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+    assert batching.cached_inputs(None, key, compute) and len(calls) == 3  # no folder: no cache

@@ -242,3 +242,15 @@ def test_resume_takes_the_finished_folds_and_runs_only_the_rest(tmp_path, transc
     trained.clear()
     run_recognition(tmp_path, transcribed, "--epochs", "2")  # without --resume: start over
     assert trained == ["speaker00", "speaker01"]
+
+
+def test_a_cache_dir_computes_the_frozen_frames_once_for_every_head(tmp_path, transcribed, monkeypatch):
+    cache = str(tmp_path / "cache")
+    first = run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1", "--cache-dir", cache)
+    monkeypatch.setattr(finetune, "prepare_inputs", lambda *args: pytest.fail("computed again"))
+    again = run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1", "--cache-dir", cache,
+                            out="again")
+    assert again["per"] == first["per"]
+    run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1", "--cache-dir", cache,
+                    "--head", "bilstm", "--hidden", "4", "--layers", "1", out="bilstm")  # the same frames
+    assert len(list((tmp_path / "cache").iterdir())) == 1
