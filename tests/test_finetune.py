@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from audio import write_tone
+from scripts import REPO, run_finetune, run_recognition
 
 import finetune
 from heads import Classifier, HeadConfig
 from model import UserError, read_checkpoint
-from scripts import REPO, run_finetune, run_recognition
 
 
 def write_table(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
