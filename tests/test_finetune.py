@@ -229,19 +229,19 @@ def test_predict_transcribes_as_the_trained_model_did(tmp_path, transcribed):
 
 
 def test_resume_takes_the_finished_folds_and_runs_only_the_rest(tmp_path, transcribed, monkeypatch):
-    first = run_recognition(tmp_path, transcribed, "--epochs", "2", "--max-folds", "1")
+    first = run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1")
     trained = []
     real = finetune.train_fold
     monkeypatch.setattr(finetune, "train_fold", lambda args, name, *rest: trained.append(name) or real(
         args, name, *rest))
-    both = run_recognition(tmp_path, transcribed, "--epochs", "2", "--resume")
+    both = run_recognition(tmp_path, transcribed, "--epochs", "1", "--resume")
     assert trained == ["speaker01"]  # speaker00's fold was on disk
     assert both["folds"]["speaker00"] == first["folds"]["speaker00"]
     with pytest.raises(UserError, match=r"other settings \(--epochs differ\): drop --resume"):
-        run_recognition(tmp_path, transcribed, "--epochs", "3", "--resume")
+        run_recognition(tmp_path, transcribed, "--epochs", "2", "--resume")
     trained.clear()
-    run_recognition(tmp_path, transcribed, "--epochs", "2")  # without --resume: start over
-    assert trained == ["speaker00", "speaker01"]
+    run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1")  # no --resume: start over
+    assert trained == ["speaker00"]
 
 
 def test_a_cache_dir_computes_the_frozen_frames_once_for_every_head(tmp_path, transcribed, monkeypatch):
@@ -249,8 +249,5 @@ def test_a_cache_dir_computes_the_frozen_frames_once_for_every_head(tmp_path, tr
     first = run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1", "--cache-dir", cache)
     monkeypatch.setattr(finetune, "prepare_inputs", lambda *args: pytest.fail("computed again"))
     again = run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1", "--cache-dir", cache,
-                            out="again")
-    assert again["per"] == first["per"]
-    run_recognition(tmp_path, transcribed, "--epochs", "1", "--max-folds", "1", "--cache-dir", cache,
-                    "--head", "bilstm", "--hidden", "4", "--layers", "1", out="bilstm")  # the same frames
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+                            "--head", "bilstm", "--hidden", "4", "--layers", "1", out="bilstm")  # same frames
+    assert again["n_tested"] == first["n_tested"] and len(list((tmp_path / "cache").iterdir())) == 1

@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="the pre-trained checkpoint")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/ctc_table"))
     parser.add_argument("--rows", nargs="*", help="run only these rows (names as in the table)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="write table.md from the rows that have finished, and run none")
     parser.add_argument("--check-split", action="store_true",
                         help="check that the test speaker list follows its rule, and stop")
     args = parser.parse_args()
@@ -117,7 +119,8 @@ def main() -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     lines = ["| row | test | valid | best / last update | train s | load |", "|---|---|---|---|---|---|"]
     for name, flags in chosen.items():
-        if args.rows and name not in args.rows:
+        finished = (args.output_dir / name.replace(" ", "_") / "metrics.json").is_file()
+        if (args.rows and name not in args.rows) or (args.table_only and not finished):
             continue
         lines.append(table_line(name, run_row(name, flags, args)))
         (args.output_dir / "table.md").write_text("\n".join(lines) + "\n")
