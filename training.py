@@ -101,24 +101,25 @@ def main_process_first(ddp: Distributed) -> Iterator[None]:
     for _ in range(2 - turn):
         dist.barrier(group=ddp.cpu_group)
 
-def any_rank(flags: tuple[bool, ...], ddp: Distributed) -> tuple[bool, ...]:
-    """Each flag true on every rank when it is true on any: one CPU all_reduce, so no host-device sync."""
+def max_over_ranks(values: tuple[float, ...], ddp: Distributed) -> tuple[float, ...]:
+    """Each value's maximum over ranks (a flag: true on every rank when true on any), in one all_reduce on
+    the CPU group, so no host-device sync."""
     if not ddp.enabled:
-        return flags
-    vote = torch.tensor([float(flag) for flag in flags])
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=ddp.cpu_group)
-    return tuple(bool(v) for v in vote.tolist())
-
-
+        return values
+    maxima = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=ddp.cpu_group)
+    return tuple(maxima.tolist())
 
 def vote(stop: StopRequest, clock: TrainingClock, ddp: Distributed) -> tuple[bool, bool, bool]:
-    """(stop requested, out of time, a --save-every-minutes boundary passed), each true on every rank when
-    true on any: every rank saves, validates and leaves after the same update, whatever its own clock says
-    or whichever rank a signal reached (a node's preemption)."""
-    signalled, out_of_time, save_due = any_rank((stop.requested, clock.out_of_time, clock.save_due()), ddp)
+    """(stop requested, out of time, a --save-every-minutes boundary passed), each decided once for all
+    ranks: every rank saves, validates and leaves after the same update, whatever its own clock says or
+    whichever rank a signal reached (a node's preemption). A boundary is saved at once, when the first
+    rank's clock passes it, whichever rank that is."""
+    signalled, out_of_time, boundaries = max_over_ranks(
+        (stop.requested, clock.out_of_time, clock.boundaries_passed()), ddp)
     if signalled and not stop.requested:
         stop.signal_name = "a signal to another rank"
-    return signalled, out_of_time, save_due
+    return bool(signalled), bool(out_of_time), clock.save_due(int(boundaries))
 
 # ----- optimisation -------------------------------------------------------------------------------
 
@@ -597,7 +598,7 @@ class TrainingClock:
         self.progress, self.start, self.before = progress, time.perf_counter(), progress.train_seconds
         self.limit = 60 * max_minutes if max_minutes else math.inf
         self.every = 60 * save_every_minutes if save_every_minutes else math.inf
-        self.next_save = self.every * (self.before // self.every + 1) if self.every < math.inf else math.inf
+        self.saved_boundaries = self.boundaries_passed()  # a resumed run saved at those already
 
     def tick(self) -> None:
         """Bring progress.train_seconds up to now."""
@@ -608,11 +609,16 @@ class TrainingClock:
         """Whether --max-minutes of training time have passed (as of the last tick)."""
         return self.progress.train_seconds >= self.limit
 
-    def save_due(self) -> bool:
-        """True when a --save-every-minutes boundary has passed since the last call (once for several)."""
-        if self.progress.train_seconds < self.next_save:
+    def boundaries_passed(self) -> int:
+        """How many --save-every-minutes boundaries the training time has passed (as of the last tick)."""
+        return int(self.progress.train_seconds // self.every) if self.every < math.inf else 0
+
+    def save_due(self, boundaries: int) -> bool:
+        """Whether `boundaries` (voted: the most any rank's clock has passed) include one not saved at yet;
+        remembered, so that each boundary is saved once, on every rank at the same update."""
+        if boundaries <= self.saved_boundaries:
             return False
-        self.next_save = self.every * (self.progress.train_seconds // self.every + 1)
+        self.saved_boundaries = boundaries
         return True
 
 

@@ -516,22 +516,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp_path):
-    # Before the vote, the signalled rank left at the epoch's end and the other waited for it forever.
+def run_two_ranks(out: Path, script: str, *flags: str, timeout: float = 60) -> list[int]:
+    """`python -c script flags` as ranks 0 and 1 of a gloo job (stderr in out/rank<r>/); their exit codes."""
     env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    ranks = [start_training(tmp_path / f"rank{r}", "-c", SIGNAL_RANK_1_IN_VALIDATION,
-                            *tiny_flags(corpus, tmp_path, "--epochs", "1000", "--batch-size", "1"),
-                            script=(), env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    ranks = [start_training(out / f"rank{r}", "-c", script, *flags, script=(),
+                            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     codes = []
     for process in ranks:
         try:
-            codes.append(process.wait(timeout=60))
+            codes.append(process.wait(timeout=timeout))
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+    return codes
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp_path):
+    # Before the vote, the signalled rank left at the epoch's end and the other waited for it forever.
+    codes = run_two_ranks(tmp_path, SIGNAL_RANK_1_IN_VALIDATION,
+                          *tiny_flags(corpus, tmp_path, "--epochs", "1000", "--batch-size", "1"))
     assert codes == [0, 0], (tmp_path / "rank0" / "stderr.txt").read_text()[-3000:]
     ckpt = load(tmp_path / "latest.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["crops_in_epoch"]) == (4, 1, 0)  # the end of epoch 0
     assert "Stopped by a signal to another rank at step 4" in (tmp_path / "train.log").read_text()
     assert "SIGTERM received" in (tmp_path / "rank1" / "stderr.txt").read_text()
+
+
+SKEWED_CLOCKS = """
+import os, main, training
+ahead = 1.5 if os.environ["RANK"] == "0" else 0.0  # rank 0 started earlier: its clock is 1.5 updates ahead
+def tick(clock):  # one second of training per update, however fast this machine is
+    clock.progress.train_seconds = clock.progress.step + ahead
+training.TrainingClock.tick = tick
+main.run_cli(main.main)
+"""
+
+
+@pytest.mark.slow
+def test_save_every_minutes_saves_each_boundary_once_on_every_rank_whichever_clock_passes_it_first(
+        corpus, tmp_path):
+    # Every 3 s: rank 0's clock passes a boundary after updates 2, 5, 8, rank 1's one update later. Each rank
+    # deciding for itself deadlocked (one saved, in an all_reduce, while the other voted); OR-ing their
+    # decisions saved twice, one update apart.
+    codes = run_two_ranks(tmp_path, SKEWED_CLOCKS, *tiny_flags(
+        corpus, tmp_path, "--batch-size", "1", "--epochs", "3", "--max-updates", "10", "--log-every", "7",
+        "--save-every-minutes", "0.05", "--keep-last", "0"))
+    assert codes == [0, 0], (tmp_path / "rank0" / "stderr.txt").read_text()[-3000:]
+    numbered = sorted(int(path.stem.split("_")[1]) for path in tmp_path.glob("checkpoint_*.pt"))
+    assert numbered == [2, 5, 8]
+    logged = [entry["step"] for entry in load(tmp_path / "latest.pt")["history"]["train"]]
+    assert {2, 5, 8} <= set(logged) and logged[-1] == 10  # each save logged its updates first: an all_reduce
