@@ -138,10 +138,16 @@ def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScal
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    clip_norm: float, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscale, clip, step: (gradient norm, non-finite flag). An update whose loss or gradients are not
-    finite is skipped on the device (fused AdamW's found_inf), so nothing waits for the host."""
+    finite is skipped on the device (fused AdamW's found_inf), so nothing waits for the host. Under torchrun
+    the flag is all-reduced: a loss that is not finite on one rank skips the update on every rank, whose
+    weights would otherwise part (the gradients are the same everywhere, the losses are each rank's own)."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
     nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        nonfinite = nonfinite.float()
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)  # on the device: no host sync
+        nonfinite = nonfinite.bool()
     optimizer.found_inf = nonfinite.float()
     optimizer.step()
     del optimizer.found_inf

@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from scripts import ONE_THREAD, REPO, load, run_script, short_run_flags, tiny_flags, train
+from scripts import ONE_THREAD, REPO, free_port, load, run_script, short_run_flags, tiny_flags, train
 
 import bench
 import data
@@ -508,12 +507,6 @@ def signalled(*args, **kwargs):  # a SIGTERM that reaches rank 1 only, while the
 main.validate = signalled
 main.run_cli(main.main)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_ranks(out: Path, script: str, *flags: str, timeout: float = 60) -> list[int]:

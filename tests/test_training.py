@@ -3,13 +3,11 @@ checkpoints, the clock, the collapse warning and stop requests."""
 
 import os
 import signal
-import socket
 
+import cluster_workers
 import pytest
 import torch
-import torch.multiprocessing as mp
-from cluster_workers import prepare_in_turn
-from scripts import load
+from scripts import load, spawn_ranks
 
 import training
 from model import Wav2Vec, Wav2VecConfig
@@ -20,15 +18,17 @@ from training import lr_lambda, save_checkpoint
 @pytest.mark.slow
 def test_ranks_wait_for_the_preparation_outside_the_default_group_node_by_node(tmp_path):
     # Ranks 0 and 1 on one node, rank 2 alone (its local rank 0) on another without a shared disk.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     order = tmp_path / "order.txt"
-    mp.spawn(prepare_in_turn, args=(port, [0, 1, 0], str(order)), nprocs=3)
+    spawn_ranks(cluster_workers.prepare_in_turn, [0, 1, 0], str(order), nprocs=3)
     assert order.read_text().split() == ["0", "2", "1"]
 
 
 # ----- optimisation and checkpoints ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank():
+    spawn_ranks(cluster_workers.skip_a_non_finite_update)
+
 
 def test_learning_rate_warms_up_from_about_zero_then_follows_a_cosine_to_the_floor():
     factor = lr_lambda("cosine", warmup=10, total=110, min_ratio=0.01)
