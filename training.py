@@ -494,7 +494,7 @@ class TrainingLog:
 
     def __init__(self, output_dir: Path, progress: Progress, total_updates: int, audio_per_update: float,
                  collapse: CollapseWatch, ddp: Distributed, loader_remedy: str = ""):
-        self.history, self.is_main, self.device = progress.history, ddp.is_main, ddp.device
+        self.history, self.ddp, self.is_main, self.device = progress.history, ddp, ddp.is_main, ddp.device
         self.collapse = collapse
         self.loader_remedy, self.loader_warned, self.intervals = loader_remedy, False, 0
         self.audio_per_update = audio_per_update  # seconds of audio in one update, over all ranks
@@ -514,6 +514,11 @@ class TrainingLog:
     def add_data_wait(self, seconds: float) -> None:
         """Time the loop spent blocked on the loader for the next batch (this rank's)."""
         self.data_wait += seconds
+
+    def slowest_wait_share(self, seconds: float) -> float:
+        """The largest share of the last `seconds` that any rank waited for its loader: another rank's
+        starving loader shows on this one as time in the gradient all_reduce, not as data wait."""
+        return max_over_ranks((min(1.0, self.data_wait / seconds),), self.ddp)[0]
 
     def loader_warning(self, wait_share: float, updates: int) -> str | None:
         """The warning, once, when the loop waited for data more than LOADER_BOUND_SHARE of an interval.
@@ -552,7 +557,7 @@ class TrainingLog:
         self.skipped += round((1 - updates["finite"]) * updates_done)
         seconds = max(1e-9, time.perf_counter() - self.clock)
         rate = (step - self.clock_step) * self.audio_per_update / seconds
-        wait_share = min(1.0, self.data_wait / seconds)
+        wait_share = self.slowest_wait_share(seconds)
         self.restart_clock(step)
         entry = {"step": step, "epoch": epoch, "loss": means["loss"], "loss_bits": means["loss_bits"],
                  "accuracy": means["accuracy"], "accuracy_per_step": means["accuracy_per_step"], "lr": lr}

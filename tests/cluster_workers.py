@@ -1,13 +1,16 @@
 """Functions that tests run in spawned processes: a small module, so each process starts quickly."""
 
+import logging
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import training
+from model import Wav2Vec, Wav2VecConfig
 
 
 def join(rank: int, port: int, world_size: int = 2, local_rank: int | None = None) -> training.Distributed:
@@ -48,4 +51,28 @@ def skip_a_non_finite_update(rank: int, port: int) -> None:
     _, skipped = training.optimizer_step(model, optimizer, scaler, clip_norm=1.0, loss_sum=loss_sum)
     assert skipped.item(), f"rank {rank} stepped while the other skipped"
     assert all(torch.equal(old, new) for old, new in zip(before, model.parameters(), strict=True))
+    training.teardown_distributed()
+
+
+def report_the_slowest_loader(rank: int, port: int, output_dir: str) -> None:
+    """Two logged intervals in which rank 1 waits for its loader all the time and rank 0 never does: rank 0,
+    which writes the log, warns that the loader is the bottleneck."""
+    ddp = join(rank, port)
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    training.log.addHandler(handler)
+    progress, model = training.Progress(), Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=8))
+    log = training.TrainingLog(Path(output_dir), progress, 10, 1.0, training.CollapseWatch(model), ddp)
+    metrics = {"loss_bits": torch.tensor(1.0), "accuracy": torch.tensor(0.5),
+               "accuracy_per_step": torch.zeros(3)}
+    for _ in range(2):  # the first interval is left out: it includes the loader workers' start-up
+        log.add_micro_batch(torch.tensor(1.0), metrics)
+        log.add_update(torch.tensor(1.0), torch.tensor(False), lr=1e-3)
+        log.add_data_wait(10.0 if rank == 1 else 0.0)
+        progress.advance(2)
+        log.write_train(progress, loss_scale=1.0)
+    log.close()
+    if rank == 0:
+        assert any("the loader is the bottleneck" in warning for warning in warnings), warnings
     training.teardown_distributed()

@@ -50,6 +50,13 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
     assert load(path) == {"step": 1}
 
 
+# ----- the training log ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_loader_wait_is_the_slowest_ranks(tmp_path):
+    spawn_ranks(cluster_workers.report_the_slowest_loader, str(tmp_path))
+
+
 # ----- the clock, the collapse warning and stop requests ------------------------------------------
 
 def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkeypatch):
