@@ -339,9 +339,10 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
                         "--output-dir.")
     saved_args = ckpt["args"]
     changed = [f"{flag_text(k, saved_args[k])} -> {v}" for k, v in sorted(vars(args).items())
-               if k in saved_args and saved_args[k] != v and k != "resume"]
+               if k in saved_args and saved_args[k] != v and k not in ("resume", *MACHINE_FLAGS)]
     if changed:
         log.info("Flags changed since the checkpoint: %s", ", ".join(changed))
+    log.info("This machine's settings, not the checkpoint's: %s", machine_settings(args, saved_args))
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -429,6 +430,11 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((version, tuple(python_state), gauss_next))
 
 
+# What describes the machine, not the run: on --resume these come from this command line (or its defaults,
+# computed here: --num-workers from this machine's CPUs, --precision auto from its hardware), never from the
+# checkpoint, so that a run started on a laptop continues on a GPU node with the node's settings.
+MACHINE_FLAGS = ("device", "num_workers", "threads", "compile", "precision", "cache_dir")
+
 # What a resumed run cannot change: the model's shape and objective (the weights are for them), and the
 # seed (the data order, crops and distractors of the rest of the run follow it).
 FIXED_FLAGS = ("model", "channels", "norm", "skip_connections", "num_steps", "num_negatives",
@@ -437,7 +443,8 @@ FIXED_FLAGS = ("model", "channels", "norm", "skip_connections", "num_steps", "nu
 def with_stored_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
                       args: argparse.Namespace) -> argparse.Namespace:
     """--resume: the flags the run was trained with (stored in its latest.pt), overridden by those given on
-    this command line. A given flag that would change the model or the data order mid-run is refused."""
+    this command line, and this machine's own settings (MACHINE_FLAGS). A given flag that would change the
+    model or the data order mid-run is refused."""
     stored = load_training_checkpoint(Path(args.output_dir) / "latest.pt")["args"]
     for action in parser._actions:  # parsed again without defaults: only the flags given explicitly remain
         action.default = argparse.SUPPRESS
@@ -449,8 +456,18 @@ def with_stored_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
                         f"trained with {' '.join(flag_text(key, stored[key]) for key in fixed)}, so resume "
                         "without it, or start a new run in another --output-dir.")
     # The checkpoint is read where this command line says, wherever the run was when it was stored.
-    kept = {key: value for key, value in stored.items() if key in vars(args) and key != "output_dir"}
+    kept = {key: value for key, value in stored.items()
+            if key in vars(args) and key not in ("output_dir", *MACHINE_FLAGS)}
     return argparse.Namespace(**{**vars(args), **kept, **given})
+
+def machine_settings(args: argparse.Namespace, saved_args: dict) -> str:
+    """'--device auto (was cpu), --num-workers 4 (was 1), ...': the MACHINE_FLAGS a resumed run uses."""
+    texts = []
+    for key in MACHINE_FLAGS:
+        value = getattr(args, key)
+        changed = key in saved_args and saved_args[key] != value
+        texts.append(flag_text(key, value) + (f" (was {saved_args[key]})" if changed else ""))
+    return ", ".join(texts)
 
 def flag_text(key: str, value: object) -> str:
     """A flag and its value as on the command line: --channels 64."""

@@ -283,7 +283,20 @@ def test_resume_with_only_the_output_dir_continues_with_the_runs_own_flags(corpu
     assert (args.data_dir, args.channels, args.segment_length, args.batch_size) == (str(corpus), 16, 6000, 2)
     main.train(args)
     assert load(tmp_path / "latest.pt")["step"] == 3
-    assert "Flags changed since the checkpoint: --max-updates 2 -> 3" in (tmp_path / "train.log").read_text()
+    log_text = (tmp_path / "train.log").read_text()
+    assert "Flags changed since the checkpoint: --max-updates 2 -> 3\n" in log_text
+    assert "This machine's settings, not the checkpoint's: --device auto (was cpu), " in log_text
+
+
+def test_resume_on_another_machine_takes_its_settings_from_that_machine(corpus, tmp_path, monkeypatch):
+    # Started on a 2-core laptop (one loader worker, --threads 1, fp32 on the CPU), resumed on an 8-core node.
+    train(corpus, tmp_path, "--max-updates", "1", "--num-workers", "1", "--threads", "1", "--cache-dir",
+          str(tmp_path / "laptop-cache"))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    args = main.parse_args(["--output-dir", str(tmp_path), "--resume"])
+    assert (args.num_workers, args.threads, args.device, args.precision, args.compile) == (
+        4, None, "auto", "auto", False)
+    assert args.cache_dir == str(data.DEFAULT_CACHE_DIR) and args.channels == 32  # the run's own flags stay
 
 
 def test_a_resumed_run_counts_the_time_already_spent(corpus, tmp_path):
