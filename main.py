@@ -327,7 +327,7 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     precision = resolve_precision(args.precision, ddp.device)
     scaler = make_grad_scaler(ddp.device, precision)
-    progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args, ddp.world_size) \
+    progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args, ddp) \
         if args.resume else Progress()
     progress.check_epoch(train_loader.sampler.num_items)
     trained = model

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -326,10 +327,12 @@ def clear_run(out: Path) -> None:
 
 
 def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argparse.Namespace,
-           world_size: int) -> Progress:
+           ddp: Distributed) -> Progress:
     """Restore model, optimizer, schedule, loss scale, RNG and progress from `path`; the peak learning rate
-    and the schedule's shape follow the current flags."""
+    and the schedule's shape follow the current flags. Every rank reads `path`: see check_same_checkpoint."""
     ckpt = load_training_checkpoint(path)
+    check_same_checkpoint(ckpt, path, ddp)
+    world_size = ddp.world_size
     differences = config_differences(ckpt["config"], model.config.to_dict())
     if differences:
         hint = (" (runs started before skip connections became the default need --no-skip-connections)"
@@ -364,6 +367,20 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
                     ckpt["best_valid_loss"], ckpt.get("train_seconds", 0.0), ckpt["history"])
 
 
+def check_same_checkpoint(ckpt: dict, path: Path, ddp: Distributed) -> None:
+    """Refuse to resume unless every rank read the same checkpoint (the same step and training time). Only
+    rank 0 writes latest.pt, so on several nodes --output-dir must be one folder on a disk they all share;
+    a node with a folder of its own finds an older checkpoint there, or none (load_training_checkpoint)."""
+    step, seconds = ckpt["step"], ckpt.get("train_seconds", 0.0)
+    most_step, most_seconds, minus_least_step, minus_least_seconds = max_over_ranks(
+        (step, seconds, -step, -seconds), ddp)
+    if (most_step, most_seconds) != (-minus_least_step, -minus_least_seconds):
+        raise UserError(f"The ranks read different checkpoints at {path} (from step "
+                        f"{-minus_least_step:.0f} to {most_step:.0f}): only rank 0 writes it, so put "
+                        "--output-dir on a disk that every node shares, with rank 0's latest.pt in it, and "
+                        "resume again.")
+
+
 def save_checkpoint(payload: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, then rename over it: a crash mid-save leaves
     the previous file intact."""
@@ -386,8 +403,11 @@ TRAINING_KEYS = ("config", "model", "optimizer", "scheduler", "scaler", "step", 
 def load_training_checkpoint(path: Path) -> dict:
     """A training checkpoint written by save_checkpoint, loaded without executing pickled code."""
     if not path.is_file():
-        raise UserError(f"--resume found no checkpoint at {path}: start without --resume, or point "
-                        "--output-dir at the folder of the run to continue.")
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's: the group may not exist yet
+        where = f" on {socket.gethostname()} (rank {os.environ.get('RANK')})" if several else ""
+        shared = ", on a disk that every node shares (every rank reads latest.pt)" if several else ""
+        raise UserError(f"--resume found no checkpoint at {path}{where}: start without --resume, or point "
+                        f"--output-dir at the folder of the run to continue{shared}.")
     ckpt = read_checkpoint(path, remedy="restore it from a numbered checkpoint_<step>.pt in the same folder, "
                                         "or start without --resume.")
     missing = [key for key in TRAINING_KEYS if key not in ckpt]

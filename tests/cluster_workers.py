@@ -1,5 +1,6 @@
 """Functions that tests run in spawned processes: a small module, so each process starts quickly."""
 
+import argparse
 import logging
 import math
 import os
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import training
-from model import Wav2Vec, Wav2VecConfig
+from model import UserError, Wav2Vec, Wav2VecConfig
 
 
 def join(rank: int, port: int, world_size: int = 2, local_rank: int | None = None) -> training.Distributed:
@@ -75,4 +76,27 @@ def report_the_slowest_loader(rank: int, port: int, output_dir: str) -> None:
     log.close()
     if rank == 0:
         assert any("the loader is the bottleneck" in warning for warning in warnings), warnings
+    training.teardown_distributed()
+
+
+def resume_from_each_nodes_own_folder(rank: int, port: int, folder: str) -> None:
+    """Two nodes without a shared disk: rank 0's --output-dir holds the run at step 2, the other node's
+    folder of the same name an older latest.pt, at step 1."""
+    ddp = join(rank, port)
+    model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=8))
+    optimizer = training.build_optimizer(model, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda("constant", 0, 10, 1.0))
+    scaler = training.make_grad_scaler(torch.device("cpu"), "fp32")
+    args = argparse.Namespace(lr=1e-3, **dict.fromkeys(training.MACHINE_FLAGS))
+    path = Path(folder) / f"node{rank}" / "latest.pt"
+    path.parent.mkdir()
+    progress = training.Progress(step=2 - rank)
+    payload = training.checkpoint_payload(model, optimizer, scheduler, scaler, progress, args, world_size=2)
+    training.save_checkpoint(payload, path)
+    try:
+        training.resume(path, model, optimizer, scheduler, scaler, args, ddp)
+    except UserError as err:
+        assert "put --output-dir on a disk that every node shares" in str(err), err
+    else:
+        raise AssertionError(f"rank {rank} resumed from its own folder's latest.pt")
     training.teardown_distributed()

@@ -10,7 +10,7 @@ import torch
 from scripts import load, spawn_ranks
 
 import training
-from model import Wav2Vec, Wav2VecConfig
+from model import UserError, Wav2Vec, Wav2VecConfig
 from training import lr_lambda, save_checkpoint
 
 # ----- distributed set-up -------------------------------------------------------------------------
@@ -21,6 +21,18 @@ def test_ranks_wait_for_the_preparation_outside_the_default_group_node_by_node(t
     order = tmp_path / "order.txt"
     spawn_ranks(cluster_workers.prepare_in_turn, [0, 1, 0], str(order), nprocs=3)
     assert order.read_text().split() == ["0", "2", "1"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_ranks_that_read_different_checkpoints(tmp_path):
+    spawn_ranks(cluster_workers.resume_from_each_nodes_own_folder, str(tmp_path))
+
+
+def test_resume_on_a_node_without_the_runs_folder_says_it_must_be_shared(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match=r"no checkpoint at .* \(rank 1\).* a disk that every node shares"):
+        training.load_training_checkpoint(tmp_path / "latest.pt")
 
 
 # ----- optimisation and checkpoints ---------------------------------------------------------------
