@@ -545,7 +545,7 @@ class Streamer:
         z, self.encoder_buffers = self.model.encoder.stream(chunk.to(like)[None], self.encoder_buffers)
         if z.shape[-1] == 0:
             return {"z": z, "c": z.new_zeros(1, self.model.config.context_layers[-1][0], 0)}
-        position = torch.tensor(self.frames)
+        position = torch.tensor(self.frames, device=z.device)  # on z's device: index_select needs it there
         c, self.context_buffers = self.model.context.stream(z, self.context_buffers, position)
         self.frames += z.shape[-1]
         return {"z": z, "c": c}
@@ -582,7 +582,7 @@ class StreamingStep(nn.Module):
         like = next(self.model.parameters())
         encoder = [like.new_zeros(1, layer.conv.in_channels, n)
                    for layer, n in zip(self.model.encoder.layers, self.buffer_lengths, strict=True)]
-        return [*encoder, *_context_buffers(self.model, like), torch.zeros((), dtype=torch.int64)]
+        return [*encoder, *_context_buffers(self.model, like), like.new_zeros((), dtype=torch.int64)]
 
     def forward(self, chunk: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n_encoder = len(self.buffer_lengths)

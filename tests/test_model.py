@@ -397,6 +397,19 @@ def test_the_fixed_shape_step_gives_offline_frames_after_its_warmup(hops):
     assert_equal_to_float32_rounding(got, {key: value[..., :frames] for key, value in offline.items()})
 
 
+def test_streaming_makes_its_state_on_the_models_device_not_the_default_one():
+    # On a GPU the frame position was made on the CPU, the default device, and index_select refused it: a
+    # CPU model under a "meta" default device fails the same way, and needs no GPU.
+    model, wav = streamable(), torch.randn(LENGTH)
+    offline, step = model.extract_features(wav), StreamingStep(model)
+    with torch.device("meta"), torch.no_grad():
+        pushed = streamed(model, wav, 1000)
+        state = step.initial_state()
+        step(wav[None, :model.config.stride], *state)
+    assert_equal_to_float32_rounding(pushed, offline)
+    assert {tensor.device.type for tensor in state} == {"cpu"}
+
+
 def test_the_streaming_step_starts_the_context_network_after_its_warmup():
     # Frame 0 ends at sample 465: complete in the third hop.
     assert StreamingStep(streamable()).warmup_hops == 2
