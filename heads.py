@@ -177,7 +177,7 @@ class Classifier(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
         """A fine-tuned model in eval mode from a finetuned.pt written by finetune.py."""
-        ckpt = read_checkpoint(path, map_location, remedy="use a finetuned.pt written by finetune.py.")
+        ckpt = read_checkpoint(path, remedy="use a finetuned.pt written by finetune.py.")  # on the CPU
         if "head_config" not in ckpt or "model" not in ckpt:
             raise UserError(f"{path} is not a finetuned.pt of finetune.py (no head_config): "
                             "pre-trained checkpoints load with Wav2Vec.from_pretrained instead.")

@@ -497,7 +497,8 @@ class Wav2Vec(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Wav2Vec:
         """A model in eval mode from a checkpoint of this repository or of fairseq's wav2vec 1.0."""
-        config, state_dict = load_checkpoint_weights(path, map_location)
+        # Read on the CPU, then the model moves: a training checkpoint's optimizer state stays off the GPU.
+        config, state_dict = load_checkpoint_weights(path)
         model = cls(config)
         model.load_state_dict(state_dict)
         return model.to(map_location).eval()
@@ -606,17 +607,17 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def read_checkpoint(path: str | Path, map_location="cpu",
+def read_checkpoint(path: str | Path,
                     remedy: str = "use one written by main.py or fairseq's wav2vec 1.0.") -> dict:
-    """The dict in a checkpoint file (ours or fairseq's), loaded without executing pickled code. `remedy`
-    ends the error for a file that is there but cannot be used: what the caller's user should do."""
+    """The dict in a checkpoint file (ours or fairseq's), loaded onto the CPU without executing pickled code.
+    `remedy` ends the error for a file that is there but cannot be used: what the caller's user should do."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}: check the path, or train one with `python main.py`.")
     try:
         # argparse.Namespace is how 2019 fairseq checkpoints store their arguments.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refuses foreign classes; report, never execute them
         raise UserError(f"{path} is corrupt or not a wav2vec checkpoint this repository can load safely "
                         f"({load_failure_reason(err)}): {remedy}") from None
@@ -636,9 +637,9 @@ def load_failure_reason(err: Exception) -> str:
     return "not a PyTorch file, or a truncated one"
 
 
-def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2VecConfig, dict]:
-    """(config, state dict) from a checkpoint file of this repository or of fairseq's wav2vec 1.0."""
-    return checkpoint_weights(read_checkpoint(path, map_location), path)
+def load_checkpoint_weights(path: str | Path) -> tuple[Wav2VecConfig, dict]:
+    """(config, state dict), on the CPU, from a checkpoint of this repository or of fairseq's wav2vec 1.0."""
+    return checkpoint_weights(read_checkpoint(path), path)
 
 
 def checkpoint_weights(ckpt: dict, path: str | Path) -> tuple[Wav2VecConfig, dict]:

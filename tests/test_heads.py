@@ -4,6 +4,7 @@ directly or through torch.hub."""
 import pytest
 import torch
 from scripts import REPO, run_finetune
+from weights import fine_tuned, recorded_load_locations
 
 from heads import Classifier, Pooling, pad_frames
 from model import Wav2Vec
@@ -29,6 +30,14 @@ def test_finetuned_model_loads_with_weights_only_and_predicts_in_two_lines(tmp_p
     prediction = model.predict(tones / "300hz_ann_0.wav")
     assert prediction["label"] in ("300", "1500")
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0)
+
+
+def test_a_finetuned_model_is_read_on_the_cpu_and_moved_to_map_location(tmp_path, monkeypatch):
+    path = tmp_path / "finetuned.pt"
+    torch.save(fine_tuned("classify").payload({}), path)
+    loads = recorded_load_locations(monkeypatch)
+    model = Classifier.from_pretrained(path, map_location="meta")  # "meta" stands in for "cuda"
+    assert loads == ["cpu"] and {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_torch_hub_loads_a_classifier_and_a_pretrained_wav2vec(tmp_path, tones, checkpoint32):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from weights import recorded_load_locations
 
 from model import (
     StreamingStep,
@@ -280,6 +281,13 @@ def test_from_pretrained_reproduces_extract_features(tmp_path):
     assert not loaded.training
     assert loaded.config == model.config
     assert torch.equal(loaded.extract_features(wav)["c"], model.extract_features(wav)["c"])
+
+
+def test_from_pretrained_reads_the_checkpoint_on_the_cpu_and_moves_only_the_model(checkpoint16, monkeypatch):
+    # map_location went to torch.load: a training checkpoint's Adam moments went to the GPU with the weights.
+    loads = recorded_load_locations(monkeypatch)
+    model = Wav2Vec.from_pretrained(checkpoint16, map_location="meta")  # "meta" stands in for "cuda"
+    assert loads == ["cpu"] and {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_from_pretrained_missing_file_is_a_clear_error(tmp_path):
