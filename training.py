@@ -71,12 +71,17 @@ class Distributed:
 def setup_distributed(device_name: str = "auto") -> Distributed:
     """Join the torchrun process group when RANK is set (nccl on CUDA, gloo on CPU); else a single process."""
     device = resolve_device(device_name)
-    if "RANK" not in os.environ:
-        return Distributed(device=device)
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    torchrun = "RANK" in os.environ
+    if torchrun:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        if torchrun or device.index is None:
+            device = torch.device("cuda", local_rank if torchrun else torch.cuda.current_device())
+        # The loader's pin-memory thread, cuDNN and NCCL work on the current device: without this,
+        # --device cuda:1 opened a context on GPU 0 as well.
         torch.cuda.set_device(device)
+    if not torchrun:
+        return Distributed(device=device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
     cpu_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)

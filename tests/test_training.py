@@ -35,6 +35,17 @@ def test_resume_on_a_node_without_the_runs_folder_says_it_must_be_shared(tmp_pat
         training.load_training_checkpoint(tmp_path / "latest.pt")
 
 
+@pytest.mark.parametrize("name, index", [("cuda:1", 1), ("cuda", 0)])
+def test_a_single_process_makes_its_gpu_the_current_device(monkeypatch, name, index):
+    # Without torchrun, --device cuda:1 left GPU 0 current, where the pin-memory thread opened a context.
+    made_current = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert training.setup_distributed(name).device == made_current[0] == torch.device("cuda", index)
+
+
 # ----- optimisation and checkpoints ---------------------------------------------------------------
 
 @pytest.mark.slow
