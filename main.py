@@ -330,7 +330,7 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args, ddp) \
         if args.resume else Progress()
     progress.check_epoch(train_loader.sampler.num_items)
-    trained = model
+    trained = model  # DDP, then compile: DDP's hooks overlap the all_reduce with the compiled backward
     if ddp.enabled:
         trained = DistributedDataParallel(model, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
                                           else None)

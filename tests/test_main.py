@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.distributed as dist
 from scripts import ONE_THREAD, REPO, free_port, load, run_script, short_run_flags, tiny_flags, train
+from torch.nn.parallel import DistributedDataParallel
 
 import bench
 import data
@@ -402,6 +404,22 @@ def test_the_default_loader_workers_fit_the_machine(monkeypatch):
 
 
 # ----- torchrun and signals (separate processes) --------------------------------------------------
+
+def test_compile_wraps_the_ddp_module_and_no_sync_still_reaches_ddp(corpus, tmp_path, monkeypatch):
+    # torch.compile inside DDP hid the backward from DDP's hooks: no overlap of the gradient all_reduce.
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or compile(module))
+    monkeypatch.setattr(training.Distributed, "enabled", property(lambda ddp: True))  # DDP on 1 process
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = training.Distributed(cpu_group=dist.group.WORLD)
+        run = main.setup_run(main.parse_args(tiny_flags(corpus, tmp_path / "run", "--compile")), ddp)
+    finally:
+        dist.destroy_process_group()
+    assert [type(module) for module in compiled] == [DistributedDataParallel]
+    assert run.trained.no_sync.__func__ is DistributedDataParallel.no_sync  # --accumulate-steps needs it
+    run.log.close()
+
 
 @pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_one_process_continues(corpus, tmp_path):
