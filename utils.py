@@ -108,8 +108,6 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16" and device.type == "cuda" and not cuda_has_bf16_hardware(device):
-        if not torch.cuda.is_bf16_supported():
-            raise UserError("This GPU has no bf16 support: use --precision fp16 (or fp32).")
         log.warning("This GPU (compute capability %d.%d) has no bf16 hardware, so bf16 runs emulated and "
                     "slower than fp16: use --precision fp16 here.", *torch.cuda.get_device_capability(device))
     if device.type == "cpu" and not cpu_has_half_instructions(precision):

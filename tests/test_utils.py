@@ -15,17 +15,21 @@ import vis
 
 # ----- precision and backend flags ----------------------------------------------------------------
 
+def never_asked(including_emulation: bool = True) -> bool:
+    raise AssertionError("torch.cuda.is_bf16_supported() counts emulation: the compute capability decides")
+
+
 @pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"),
                                                   ((9, 0), "bf16")])
 def test_demo_uses_bf16_only_on_a_gpu_that_computes_it_in_hardware(monkeypatch, capability, expected):
     # torch.cuda.is_bf16_supported() counts emulation: True on a V100 (7.0) or T4 (7.5).
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", never_asked)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert utils.fast_precision(torch.device("cuda")) == expected
 
 
 def test_bf16_on_a_gpu_that_emulates_it_warns_to_use_fp16(monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", never_asked)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     with caplog.at_level(logging.WARNING):
         utils.autocast_context(torch.device("cuda"), "bf16")
