@@ -41,6 +41,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -343,15 +344,37 @@ def bench_train(args: argparse.Namespace) -> dict:
     amp = autocast_context(device, args.precision)
     batches, source = model_inputs(args, device)
     losses = []
-    seconds = time_steps(lambda wav: losses.append(train_step(forward, optimizer, scaler, amp, wav)),
-                         batches, args.warmup, device)
+
+    def step(wav: torch.Tensor) -> None:
+        losses.append(train_step(forward, optimizer, scaler, amp, wav))
+    seconds = time_steps(step, batches, args.warmup, device)
     flops = TRAIN_FLOPS_FACTOR * sum(model.forward_flops(args.segment_length).values()) * args.batch_size
     result = step_report(args, device, seconds, flops, "3 x analytic forward_flops (objective included)",
                          source)
     result["last_loss"] = round(losses[-1].item(), 4)
+    result.update(cuda_report(device, step, batches[-1]))
     if args.data_dir is not None:
         result.update(loader_comparison(args, result["audio_seconds_per_second"]))
     return result
+
+
+def cuda_report(device: torch.device, step: Callable[[torch.Tensor], object], wav: torch.Tensor) -> dict:
+    """On CUDA, the peak memory of the steps so far and the host-device syncs inside one more step, as
+    torch.cuda.set_sync_debug_mode("warn") reports them (each one stalls the queue of GPU work); nothing on
+    the CPU."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(wav)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return {"cuda_peak_memory_gb": round(peak, 2), "host_syncs_per_step": len(syncs),
+            "host_syncs": sorted(set(syncs))}
 
 
 def loader_comparison(args: argparse.Namespace, consumed: float) -> dict:

@@ -3,6 +3,7 @@ and flags named and set as main.py's."""
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,16 @@ def test_channels_follow_the_preset_so_the_small_model_is_benchmarked_at_128():
 def test_the_old_use_transforms_flag_still_turns_augmentation_on_and_warns(capsys):
     assert bench.parse_args(["--use-transforms"]).augment
     assert "warning: --use-transforms is now --augment" in capsys.readouterr().err
+
+
+def test_on_cuda_the_train_benchmark_reports_peak_memory_and_the_host_syncs_in_a_step(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step(wav):  # a step with one .item(), as set_sync_debug_mode("warn") reports it
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    report = bench.cuda_report(torch.device("cuda"), step, torch.zeros(1))
+    assert (report["cuda_peak_memory_gb"], report["host_syncs_per_step"]) == (3.0, 1)
+    assert modes == ["warn", "default"]  # and the debug mode is off again
+    assert bench.cuda_report(torch.device("cpu"), step, torch.zeros(1)) == {}
