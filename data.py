@@ -170,9 +170,7 @@ def probe_audio(path: Path | str) -> AudioInfo:
     path = Path(path)
     reader = _open_reader(path)
     reader.close()
-    if reader.channels < 1:
-        raise AudioReadError(path, "no audio channels")
-    if reader.frames < 1 or reader.samplerate < 1:
+    if min(reader.channels, reader.frames, reader.samplerate) < 1:
         raise AudioReadError(path, "no audio frames")
     return AudioInfo(reader.frames, reader.samplerate, reader.channels)
 
@@ -239,14 +237,21 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, offset: int = 0
 def find_audio_files(data_dir: Path | str) -> list[Path]:
     """Every audio file under `data_dir` (recursive, extensions case-insensitive), sorted by relative path.
 
-    Hidden files and folders are left out: macOS '._x.wav' resource forks are not audio."""
+    Hidden files and folders are left out (macOS '._x.wav' resource forks are not audio); symlinked folders
+    are followed, each real folder once, so a link to a parent ends there."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         what = "is not a folder" if data_dir.exists() else "does not exist"
         raise UserError(f"The data folder {data_dir} {what}: point --data-dir at a folder of audio files.")
-    found = []
-    for folder, subfolders, names in os.walk(data_dir):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    found, walked = [], {os.path.realpath(data_dir)}
+    for folder, subfolders, names in os.walk(data_dir, followlinks=True):
+        kept = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(folder, name))
+            if not name.startswith(".") and real not in walked:
+                walked.add(real)
+                kept.append(name)
+        subfolders[:] = kept
         found += [Path(folder, n) for n in names
                   if not n.startswith(".") and os.path.splitext(n)[1].lower() in AUDIO_EXTENSIONS]
     return sorted(found, key=lambda p: p.relative_to(data_dir).as_posix())
@@ -713,19 +718,6 @@ def _init_worker(worker_id: int, seed: int, rank: int) -> None:
     torch.manual_seed(worker_seed)
 
 
-def collate_crops(crops: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Equal-length crops -> wav (B, L); no padding, as in fairseq, because every crop has the same length."""
-    return torch.stack(list(crops))
-
-
-def default_num_workers() -> int:
-    """Loader workers this machine has room for: the CPUs this process may use (its affinity, which
-    containers and taskset narrow), less one for the training process itself, at most 4. Asking for more
-    makes PyTorch warn that the loader might freeze."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, available - 1)
-
-
 def make_loader(dataset: _CropDataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0,
                 pin_memory: bool = False, seed: int = 0) -> DataLoader:
     """Batches wav (B, segment_length). Training drops the last partial batch; validation keeps every file."""
@@ -735,7 +727,8 @@ def make_loader(dataset: _CropDataset, sampler: EpochSampler, batch_size: int, n
                   else "lower --batch-size or add audio")
         raise UserError(f"{sampler.keys_per_epoch} training crops per epoch are fewer than one batch of "
                         f"{batch_size}; {remedy}.")
-    return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_crops,
+    # Crops of one length stack into wav (B, L): no padding, as in fairseq.
+    return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=torch.stack,
                             num_workers=num_workers, pin_memory=pin_memory, drop_last=dataset.train,
                             worker_init_fn=partial(_init_worker, seed=seed, rank=sampler.rank),
                             persistent_workers=num_workers > 0)

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import sys
 import tempfile
 import uuid
@@ -171,6 +172,14 @@ def add_threads_argument(group: argparse._ArgumentGroup, default: int | None = N
                        help=f"CPU threads of PyTorch and of NumPy's BLAS per process (default: {usual}); "
                             "give 1 on a CPU that other jobs share, where threads that wait for each other "
                             "are far slower")
+
+
+def default_num_workers() -> int:
+    """Loader workers this machine has room for: the CPUs this process may use (its affinity, which
+    containers and taskset narrow), less one for the training process itself, at most 4. Asking for more
+    makes PyTorch warn that the loader might freeze."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, available - 1)
 
 
 def set_threads(threads: int | None) -> None:

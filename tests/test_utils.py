@@ -2,6 +2,7 @@
 backend flags, --threads."""
 
 import logging
+import os
 
 import pytest
 import threadpoolctl
@@ -62,3 +63,9 @@ def test_every_entry_script_takes_threads(demo_corpus, checkpoint16, tmp_path):
     assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}  # NumPy's BLAS too
     for script in (vis, main):
         assert script.parse_args(["--data-dir", str(demo_corpus), "--threads", "1"]).threads == 1
+
+
+def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
+    for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert utils.default_num_workers() == workers
