@@ -36,9 +36,8 @@ import soundfile as sf
 import torch
 from scipy.signal import firwin, resample_poly
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
-from utils import UserError, temporary_beside
+from utils import UserError, progress_bar, temporary_beside
 
 logger = logging.getLogger(__name__)
 
@@ -360,8 +359,8 @@ def build_manifest(data_dir: Path | str, cache_dir: Path | str | None = None) ->
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = pool.map(lambda job: _scan(*job), jobs)
         try:
-            for position, result in tqdm(zip(stale, results, strict=True), total=len(jobs),
-                                         desc="scanning audio", unit="file", disable=len(jobs) < 100):
+            for position, result in progress_bar(zip(stale, results, strict=True), hidden=len(jobs) < 100,
+                                                 total=len(jobs), desc="scanning audio", unit="file"):
                 if isinstance(result, AudioReadError):
                     logger.warning("Skipping %s: %s", result.path, result.reason)
                 else:
@@ -550,7 +549,7 @@ def prepare_packed_corpus(data_dir: Path | str, entries: Sequence[ManifestEntry]
     (out_dir / PACKED_INDEX).unlink(missing_ok=True)  # no index until the audio beside it is complete
     items, offset = [], 0
     with open(tmp, "wb") as f:
-        for entry in tqdm(entries, desc="packing audio", unit="file"):
+        for entry in progress_bar(entries, desc="packing audio", unit="file"):
             try:
                 wav = load_audio(data_dir / entry.path, SAMPLE_RATE)
             except AudioReadError as error:

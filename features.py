@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 import torch
-from tqdm import tqdm
 
 from data import FRAME_HOP, SAMPLE_RATE, load_audio
 from model import Wav2Vec, Wav2VecConfig, load_checkpoint_weights
 from ondevice import onnx_offline, onnx_session
-from utils import UserError
+from utils import UserError, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ def file_frames(files: Sequence[Path], frames_of: FramesOf, min_samples: int, ba
 
     Unreadable files and files shorter than `min_samples` (one frame) are logged and skipped."""
     used = 0
-    with tqdm(total=len(files), desc=desc, unit="file") as progress:
+    with progress_bar(total=len(files), desc=desc, unit="file") as progress:
         for begin in range(0, len(files), batch_size):
             group, wavs = [], []
             for path in files[begin:begin + batch_size]:

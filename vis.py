@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from data import SAMPLE_RATE, find_audio_files, load_audio, probe_audio, resampled_length
 from features import LAYERS, cosine_matrix, equal_length_batches, is_random, load_network, random_network
@@ -71,8 +70,10 @@ from utils import (
     HelpFormatter,
     UserError,
     add_device_argument,
+    add_progress_argument,
     add_threads_argument,
-    ensure_writable_dir,
+    check_writable_dir,
+    progress_bar,
     resolve_device,
     run_cli,
     set_threads,
@@ -121,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compute.add_argument("--batch-size", type=int, default=10,
                          help="files read at a time; those of equal length share one forward pass")
     add_threads_argument(compute)
+    add_progress_argument(compute)
     args = parser.parse_args(argv)
     if args.max_batches < 1 or args.batch_size < 1 or args.max_batches * args.batch_size < 2:
         raise UserError("Give --max-batches and --batch-size of at least 1 and at least 2 files in all "
@@ -229,20 +231,20 @@ def frame_labels_of(path: Path, num_frames: int, window: int, names: list[str] |
 
 def embed_files(model: Wav2Vec, reference: Wav2Vec | None, files: list[Path], names: list[str],
                 labels: list[str | None], args: argparse.Namespace
-                ) -> tuple[Embeddings, list[tuple[str, str]]]:
-    """Run the model (and the reference network, if any) on every file, --batch-size files at a time; draw
-    --num-samples of them, spread over the list as the files are; keep their features. Returns the
-    embeddings and each per-file figure's (file name, caption)."""
+                ) -> tuple[Embeddings, list[tuple[str, str | None, FileFeatures]]]:
+    """Run the model (and the reference network, if any) on every file, --batch-size files at a time; keep
+    --num-samples of them whole, spread over the list as the files are, for their figures. Returns the
+    embeddings and the samples (name, label, features)."""
     rng = np.random.default_rng(args.seed)
     max_samples = int(args.max_seconds * SAMPLE_RATE)
     per_file = math.ceil(args.max_frames / len(files))  # frames kept per file: memory stays bounded
     label_names = frame_label_names(args.data_dir)
-    kept_names, kept_labels, means, random_means, sampled, owners, frame_labels, skipped, figures = \
+    kept_names, kept_labels, means, random_means, sampled, owners, frame_labels, skipped, samples = \
         [], [], [], [], [], [], [], [], []
     total_frames, total_seconds, example = 0, 0.0, None
     to_draw = set(evenly_spaced(len(files), args.num_samples).tolist())
     owed = 0  # figures due: a file picked for one but unreadable passes it on to the next readable file
-    with tqdm(total=len(files), desc="extracting", unit="file") as progress:
+    with progress_bar(total=len(files), desc="extracting", unit="file") as progress:
         for begin in range(0, len(files), args.batch_size):
             paths = files[begin:begin + args.batch_size]
             batch = embed_batch(model, reference, paths, max_samples, args.layer)
@@ -257,12 +259,7 @@ def embed_files(model: Wav2Vec, reference: Wav2Vec | None, files: list[Path], na
                 frames = result.c if args.layer == "c" else result.z
                 if owed:
                     owed -= 1
-                    figure = f"sample_{len(figures):02d}_{slug(name)}.png"
-                    plot_sample(result.wav, result.duration, result.z, result.c, model, name, label,
-                                args.output_dir / figure)
-                    figures.append((figure, f"{name}{f' (label {label})' if label is not None else ''}: "
-                                            "waveform, log-mel spectrogram, latent z and context c on one "
-                                            "time axis."))
+                    samples.append((name, label, result))
                 if example is None:
                     example = frames
                 chosen = np.sort(rng.choice(frames.shape[1], min(per_file, frames.shape[1]), replace=False))
@@ -289,7 +286,19 @@ def embed_files(model: Wav2Vec, reference: Wav2Vec | None, files: list[Path], na
                             frame_label.tolist() if has_frame_labels else None,
                             np.stack(random_means) if random_means else None, total_frames, total_seconds,
                             example, skipped)
-    return embeddings, figures
+    return embeddings, samples
+
+
+def draw_samples(samples: list[tuple[str, str | None, FileFeatures]], model: Wav2Vec,
+                 out: Path) -> list[tuple[str, str]]:
+    """A figure per sample (waveform, log-mel, z and c); each figure's (file name, caption)."""
+    figures = []
+    for number, (name, label, result) in enumerate(samples):
+        figure = f"sample_{number:02d}_{slug(name)}.png"
+        plot_sample(result.wav, result.duration, result.z, result.c, model, name, label, out / figure)
+        figures.append((figure, f"{name}{f' (label {label})' if label is not None else ''}: waveform, "
+                                "log-mel spectrogram, latent z and context c on one time axis."))
+    return figures
 
 
 def slug(name: str) -> str:
@@ -510,8 +519,8 @@ figure {{margin: 2.5em 0}} img {{max-width: 100%; border: 1px solid #ddd}} figca
 def main(argv: list[str] | None = None) -> None:
     """Load the checkpoint, embed the files, write every figure, the table, the summary and the page."""
     args = parse_args(argv)
-    setup_logging()
-    ensure_writable_dir(args.output_dir, "--output-dir")  # before the work, not after it
+    setup_logging(progress=args.progress)
+    check_writable_dir(args.output_dir, "--output-dir")  # before the work; made once the files are embedded
     set_threads(args.threads)
     start = time.perf_counter()
     device = resolve_device(args.device)
@@ -533,6 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%s on %s: embedding %d of %d files from %s, layer %s", args.checkpoint, device, len(files),
              len(found), args.data_dir, args.layer)
 
+    emb, samples = embed_files(model, reference, files, names, labels, args)
+    out.mkdir(parents=True, exist_ok=True)  # enough files were embedded: the figures can be drawn
     figures = []
     if history:
         plot_loss_curves(history, model.config, out / "loss_curves.png")
@@ -540,8 +551,7 @@ def main(argv: list[str] | None = None) -> None:
                                            "epoch; accuracy overall and per prediction step when recorded."))
     else:
         log.info("%s holds no training history: skipping the loss curves.", args.checkpoint)
-
-    emb, sample_figures = embed_files(model, reference, files, names, labels, args)
+    sample_figures = draw_samples(samples, model, out)
     colour_by = "label" if args.labels else "file"
     categories = ([UNLABELLED if label is None else label for label in emb.labels] if args.labels
                   else emb.names)
