@@ -193,6 +193,12 @@ def _lowpass(up: int, down: int) -> np.ndarray:
     return firwin(2 * RESAMPLE_HALF_WIDTH * width + 1, 1 / width, window=("kaiser", 5.0)).astype(np.float32)
 
 
+def resample(wav: np.ndarray, native_rate: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """wav (L,) from native_rate to sample_rate (resample_poly with _lowpass, its filter designed once)."""
+    up, down = _ratio(native_rate, sample_rate)
+    return wav if up == down or not len(wav) else resample_poly(wav, up, down, window=_lowpass(up, down))
+
+
 def _native_window(start: int, stop: int, frames: int, up: int, down: int) -> tuple[int, int]:
     """Native frames [begin, end) whose resampling covers output samples [start, stop).
 
@@ -214,7 +220,7 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, offset: int = 0
     reader = _open_reader(path)
     try:
         up, down = _ratio(reader.samplerate, sample_rate)
-        total = -(-reader.frames * up // down)
+        total = resampled_length(reader.frames, reader.samplerate, sample_rate)
         stop = total if num_samples is None else offset + num_samples
         begin, end = _native_window(offset, stop, reader.frames, up, down)
         mono = reader.read(begin, end).mean(axis=1)  # mixing before resampling: fewer samples, same result
@@ -223,7 +229,7 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, offset: int = 0
     bad = np.count_nonzero(~np.isfinite(mono))  # only float formats can hold them; one poisons every update
     if bad:
         raise AudioReadError(path, f"it holds NaN or infinite samples ({bad} of the {len(mono)} read)")
-    wav = mono if up == down or not len(mono) else resample_poly(mono, up, down, window=_lowpass(up, down))
+    wav = resample(mono, reader.samplerate, sample_rate)
     first = offset - begin * up // down
     wav = wav[first:stop - begin * up // down].astype(np.float32, copy=False)
     if num_samples is not None and len(wav) < num_samples:

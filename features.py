@@ -30,7 +30,7 @@ import numpy as np
 import scipy.fft
 import torch
 
-from data import FRAME_HOP, SAMPLE_RATE, load_audio
+from data import FRAME_HOP, SAMPLE_RATE, load_audio, resample
 from model import Wav2Vec, Wav2VecConfig, load_checkpoint_weights
 from ondevice import onnx_offline, onnx_session
 from utils import UserError, progress_bar
@@ -45,6 +45,20 @@ MFCC_WINDOW = 400
 MFCC_FILTERS = 40
 MFCC_COEFFICIENTS = 13
 PRE_EMPHASIS = 0.97
+
+
+# ----- waveforms ----------------------------------------------------------------------------------
+
+def load_waveform(wav: str | Path | np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """What every model here takes, float32 mono (L,) at 16 kHz: a file decoded and resampled (any format
+    data.py reads; its header gives the rate), or an array or tensor (L,) at `sample_rate`, resampled."""
+    if isinstance(wav, (str, Path)):
+        return load_audio(wav, SAMPLE_RATE)
+    array = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    if array.ndim != 1:
+        raise UserError(f"Expected one mono waveform of shape (L,), not {array.shape}: average the channels "
+                        "first.")
+    return resample(array.astype(np.float32, copy=False), sample_rate).astype(np.float32, copy=False)
 
 
 # ----- wav2vec features ---------------------------------------------------------------------------
