@@ -65,6 +65,8 @@ from plots import (
     plot_similarity_heatmap,
     project,
     shorten,
+    tsne_caution,
+    tsne_perplexity,
 )
 from utils import (
     HelpFormatter,
@@ -86,6 +88,9 @@ MAX_NEIGHBOUR_ROWS = 24  # queries drawn in nearest_neighbours.png; the CSV hold
 UNLABELLED = "(no label)"
 MAX_BATCH_SAMPLES = 60 * SAMPLE_RATE  # most audio in one forward pass: bounds memory for long files
 REFERENCE = "a random network of the same configuration"
+# Above this share of the file embeddings' variance along one direction, their mean-centred cosines sit near
+# +1 or -1 (a file is on one side of the mean or the other): the heatmap is a checkerboard that says little.
+ONE_DIRECTION_SHARE = 0.8
 NN_COLUMNS = ("query", "query_label", "rank", "neighbour", "neighbour_label", "cosine_distance", "same_label")
 
 
@@ -340,6 +345,8 @@ def plot_embedding_map(emb: Embeddings, categories: list[str], colour_by: str, f
         start = time.perf_counter()
         xy, (xlabel, ylabel) = project(points, method, seed)
         log.info("%s of %d points took %.1f s", method, len(points), time.perf_counter() - start)
+        if method == "tsne" and tsne_caution(len(points)):
+            title += f"\ntoo few points for t-SNE (perplexity {tsne_perplexity(len(points)):.0f}): read PCA"
         order = rng.permutation(len(xy))  # random drawing order: no category hides under the last one drawn
         ax.scatter(xy[order, 0], xy[order, 1], s=size, linewidths=0, alpha=0.8,
                    c=[point_colours.get(point_categories[i], OTHER_COLOUR) for i in order])
@@ -419,6 +426,25 @@ def plot_neighbours(emb: Embeddings, nearest: np.ndarray, distance: np.ndarray, 
 
 # ----- numbers and the page -----------------------------------------------------------------------
 
+def first_component_share(points: np.ndarray) -> float:
+    """The share of the variance of points (N, C) that lies along their first principal component."""
+    singular = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+    return float(singular[0] ** 2 / max(float((singular**2).sum()), 1e-30))
+
+
+def cautions(emb: Embeddings, share: float) -> list[str]:
+    """What makes this run's pictures misleading: maps of too few points for t-SNE, and file embeddings whose
+    variance lies along one direction (`share` of it: first_component_share), a saturated heatmap."""
+    found = [f"{what} {note}" for what, points in (("the frames' map:", emb.frames),
+                                                   ("the files' map:", emb.utterances))
+             if (note := tsne_caution(len(points)))]
+    if share > ONE_DIRECTION_SHARE:
+        found.append(f"{100 * share:.0f}% of the variance of the file embeddings lies along one direction, "
+                     "so their similarities sit near +1 or -1 (the heatmap's checkerboard) and say little "
+                     "more than on which side of the mean a file falls")
+    return found
+
+
 def within_between(similarity: np.ndarray, labels: list[str | None]) -> tuple[float, float]:
     """Mean similarity over pairs of labelled files that share a label, and over pairs that do not."""
     known = np.array([label is not None for label in labels])
@@ -459,9 +485,10 @@ def summary_numbers(similarity: np.ndarray, nearest: np.ndarray,
 
 def summary_text(args: argparse.Namespace, model: Wav2Vec, history: dict | None, emb: Embeddings,
                  found: int, selected: int, numbers: dict[str, float],
-                 reference: dict[str, float] | None) -> str:
+                 reference: dict[str, float] | None, notes: list[str] | None = None) -> str:
     """One paragraph: the checkpoint, what was embedded, and how well the features group by label, beside
-    the same numbers for a random network of the same configuration (`reference`) when it ran."""
+    the same numbers for a random network of the same configuration (`reference`) when it ran; then what
+    makes a picture misleading (`notes`, from cautions)."""
     cfg = model.config
     checkpoint = (f"Checkpoint {args.checkpoint} ({len(cfg.encoder_layers)} encoder and "
                   f"{len(cfg.context_layers)} context layers, {cfg.context_layers[-1][0]} channels, "
@@ -495,6 +522,7 @@ def summary_text(args: argparse.Namespace, model: Wav2Vec, history: dict | None,
         parts.append("No labels were given, so within- versus between-label similarity is not reported; the "
                      f"mean cosine similarity (mean-centred) between files is {numbers['between']:.3f}"
                      + (f" ({REFERENCE}: {reference['between']:.3f})" if reference else ""))
+    parts += [f"Caution, {note}" for note in notes or []]
     return ". ".join(parts) + "."
 
 
@@ -571,9 +599,12 @@ def main(argv: list[str] | None = None) -> None:
     agreement, chance = numbers["agreement"], numbers["chance"]
     centre = emb.utterances.mean(axis=0)  # for the self-similarity, centred like the files
     order = np.array(sorted(range(len(emb.names)), key=lambda i: (natural_key(categories[i]), emb.names[i])))
-    similarity_note = f"\nwithin label {within:.2f}, between labels {between:.2f}"
-    plot_similarity_heatmap(similarity, order, categories, colour_by, args.layer,
-                            similarity_note if args.labels else "", out / "similarity_heatmap.png")
+    similarity_note = f"\nwithin label {within:.2f}, between labels {between:.2f}" if args.labels else ""
+    share = first_component_share(emb.utterances)
+    if share > ONE_DIRECTION_SHARE:
+        similarity_note += f"\none direction holds {100 * share:.0f}% of the variance: similarities saturate"
+    plot_similarity_heatmap(similarity, order, categories, colour_by, args.layer, similarity_note,
+                            out / "similarity_heatmap.png")
     plot_self_similarity(emb.example, centre, model, emb.names[0], args.layer, out / "self_similarity.png")
     write_neighbours_csv(emb, nearest, distance, out / "nearest_neighbours.csv")
     agreement_note = f"\n{100 * agreement:.0f}% share the query's label (chance {100 * chance:.0f}%)"
@@ -590,7 +621,11 @@ def main(argv: list[str] | None = None) -> None:
         ("nearest_neighbours.png", f"The {k} nearest files of a spread of query files (every file is in "
                                    "nearest_neighbours.csv); ✓ marks a neighbour with the query's label."),
     ]
-    summary = summary_text(args, model, history, emb, len(found), len(files), numbers, reference_numbers)
+    notes = cautions(emb, share)
+    for note in notes:
+        log.warning("Caution, %s", note)
+    summary = summary_text(args, model, history, emb, len(found), len(files), numbers, reference_numbers,
+                           notes)
     (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
     write_index(out / "index.html", summary, figures)
     log.info("%s", summary)
