@@ -322,6 +322,18 @@ def test_starting_over_an_existing_run_needs_resume(corpus, tmp_path):
         train(corpus, tmp_path, "--max-updates", "1")
 
 
+def test_the_demo_runs_again_from_the_start_and_continues_with_resume(demo_corpus, tmp_path):
+    out = tmp_path / "demo"
+    flags = short_run_flags(demo_corpus, out, "--demo", "--max-updates", "2")
+    for _ in range(2):  # the second run starts over where another run would be refused
+        main.train(main.parse_args(flags))
+        assert load(out / "latest.pt")["step"] == 2
+        assert (out / "train.log").read_text().count("Done: 2 updates") == 1
+    main.train(main.parse_args([*flags[:-1], "3", "--resume"]))
+    assert load(out / "latest.pt")["step"] == 3
+    assert main.parse_args(["--demo"]).output_dir == "checkpoints/demo"  # not the default run's folder
+
+
 # ----- flags and their defaults -------------------------------------------------------------------
 
 def test_fp16_alias_selects_fp16():
