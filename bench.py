@@ -66,6 +66,7 @@ from utils import (
     UserError,
     add_device_argument,
     add_precision_argument,
+    add_progress_argument,
     add_renamed,
     add_threads_argument,
     autocast_context,
@@ -107,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="steps (or loader batches) run before timing: allocator, kernels, workers warm up")
     what.add_argument("--json", type=Path, help="also write the results to this JSON file")
     what.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs, sampler and crops")
+    add_progress_argument(what)
     model = parser.add_argument_group("model (train, extract)")
     model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
                        help="model configuration (main.py's --model)")
@@ -548,7 +550,7 @@ def busy_warning(load: float) -> str | None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark the arguments name, print it as a table, write the JSON; return the result."""
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(progress=args.progress)
     if args.what == "loader" and args.data_dir is None:  # a refusal comes before the busy-machine warning
         raise UserError("--what loader needs --data-dir.")
     set_threads(args.threads)

@@ -58,8 +58,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import FRAME_HOP, SAMPLE_RATE, augment, change_speed, find_audio_files, load_audio
 from features import BACKBONE_HELP, backbone_label, load_network
@@ -80,18 +78,22 @@ from utils import (
     UserError,
     add_device_argument,
     add_precision_argument,
+    add_progress_argument,
     add_threads_argument,
     autocast_context,
-    ensure_writable_dir,
+    check_writable_dir,
+    ensure_writable_file,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    progress_bar,
     resolve_device,
     resolve_precision,
     run_cli,
     set_threads,
     setup_logging,
+    start_log_file,
 )
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,7 @@ def cached_stage(args: argparse.Namespace) -> str:
 def prepare_inputs(model: Classifier, paths: Sequence[Path], stage: str, device: torch.device) -> list:
     """Per file: the waveform (numpy, stage "wav"), or the output of the frozen stages, computed once."""
     inputs = []
-    for path in tqdm(paths, desc=f"loading ({stage})", unit="file", leave=False):
+    for path in progress_bar(paths, desc=f"loading ({stage})", unit="file", leave=False):
         wav = load_audio(path, SAMPLE_RATE)
         shortest = model.shortest_input
         if len(wav) < shortest:
@@ -323,7 +325,7 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
 
     best, best_state, best_update, stale, update = None, None, 0, 0, 0
     start = time.perf_counter()
-    progress = tqdm(total=None if math.isinf(total) else total, desc=f"fold {name}", unit="update")
+    progress = progress_bar(total=None if math.isinf(total) else total, desc=f"fold {name}", unit="update")
     model.train()
     while update < total and stale < args.patience:
         order = rng.permutation(rows)
@@ -476,8 +478,8 @@ def train(args: argparse.Namespace) -> dict:
     """Cross-validated fine-tuning as the flags say; returns the pooled test metrics."""
     data = load_dataset(args)  # before the output folder: a user error is then the first thing said
     out = Path(args.output_dir)
-    ensure_writable_dir(out)
-    setup_logging(out / "train.log")
+    check_writable_dir(out)
+    setup_logging(progress=args.progress)
     set_threads(args.threads)
     device = resolve_device(args.device)
     groups = None if data.groups is None else np.array(data.groups)
@@ -485,10 +487,11 @@ def train(args: argparse.Namespace) -> dict:
                                           group_folds=args.folds, regress=args.task == "regress",
                                           class_remedy="drop the rare classes from the labels, add data, "
                                                        "or give --group-column")
+    backbone = backbone_weights(args.checkpoint, args.seed)
+    start_log_file(out / "train.log")  # the inputs are checked: now the output folder is made
     log.info("%d files, %s, %s; %s", len(data.names), f"{len(data.classes)} classes" if data.classes
              else "regression", description, f"{len(folds)} folds" + (f", running {args.max_folds}"
                                                                      if args.max_folds else ""))
-    backbone = backbone_weights(args.checkpoint, args.seed)
     stage = cached_stage(args)
     start = time.perf_counter()
     with torch.no_grad():
@@ -496,7 +499,7 @@ def train(args: argparse.Namespace) -> dict:
     inputs = prepare_inputs(template, data.paths, stage, device)
     log.info("inputs (%s) of %d files ready in %.0f s", stage, len(inputs), time.perf_counter() - start)
     tested = []
-    with SummaryWriter(out / "tensorboard") as writer, logging_redirect_tqdm():
+    with SummaryWriter(out / "tensorboard") as writer:
         for name, train_rows, test_rows in folds[:args.max_folds or None]:
             fit_rows, valid_rows = validation_rows(data, train_rows, args.valid_fraction, args.seed)
             result = train_fold(args, name, data, inputs, fit_rows, valid_rows, test_rows, backbone, device,
@@ -510,18 +513,30 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def predict(args: argparse.Namespace) -> None:
-    """Label (and probabilities) or value for every audio file under --data-dir, to a CSV."""
+    """Label (and probabilities) or value for every audio file under --data-dir, to a CSV; a file that cannot
+    be read or is shorter than one frame is named, counted and left out."""
+    setup_logging(progress=args.progress)
     set_threads(args.threads)
-    device = resolve_device(args.device)
-    model = Classifier.from_pretrained(args.model, device)
+    ensure_writable_file(args.output, "--output")
+    model = Classifier.from_pretrained(args.model, resolve_device(args.device))
     files = find_audio_files(args.data_dir)
     if not files:
         raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
-    names = [f.relative_to(args.data_dir).as_posix() for f in files]
-    predictions = [model.predict(path) for path in tqdm(files, desc="predicting", unit="file")]
+    names, predictions = [], []
+    for path in progress_bar(files, desc="predicting", unit="file"):
+        try:
+            predictions.append(model.predict(path))
+        except UserError as error:
+            log.warning("Skipping: %s", error)
+            continue
+        names.append(path.relative_to(args.data_dir).as_posix())
+    if not names:
+        raise UserError(f"None of the {len(files)} audio files under {args.data_dir} could be predicted; see "
+                        "the warnings above.")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.output, *prediction_rows(model.config, names, predictions))
-    print(f"wrote {len(names)} predictions to {args.output}")
+    log.info("wrote %d predictions to %s; %d of %d files unreadable or too short, skipped", len(names),
+             args.output, len(files) - len(names), len(files))
 
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
@@ -585,6 +600,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     evaluation.add_argument("--seed", type=int, default=0)
     add_device_argument(evaluation)
     add_threads_argument(evaluation)
+    add_progress_argument(evaluation)
     args = parser.parse_args(argv)
     if args.min_lr_ratio is not None:
         print("warning: --min-lr-ratio R is now --min-lr (R x --lr); the old name goes in the next release.",
@@ -614,6 +630,7 @@ def parse_predict_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="the CSV to write")
     add_device_argument(parser)
     add_threads_argument(parser)
+    add_progress_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import SAMPLE_RATE, load_audio
-from features import MFCC_WINDOW, mfcc
+from data import SAMPLE_RATE
+from features import MFCC_WINDOW, load_waveform, mfcc
 from model import Wav2Vec, Wav2VecConfig, read_checkpoint
 from utils import UserError
 
@@ -146,11 +146,15 @@ class Classifier(nn.Module):
         return self.head(*pad_frames([self.frames(self.latent(w)) for w in wavs]))
 
     @torch.no_grad()
-    def predict(self, wav: np.ndarray | torch.Tensor | str | Path) -> dict:
-        """One file or 16 kHz waveform -> {"label", "probabilities"} (classify) or {"value"} (regress)."""
-        if isinstance(wav, (str, Path)):
-            wav = load_audio(wav, SAMPLE_RATE)
-        wav = torch.as_tensor(np.asarray(wav, dtype=np.float32)).to(self.feature_mean.device)
+    def predict(self, wav: np.ndarray | torch.Tensor | str | Path, sample_rate: int = SAMPLE_RATE) -> dict:
+        """One file, or a waveform (L,) at `sample_rate` -> {"label", "probabilities"} (classify) or
+        {"value"} (regress); input shorter than one frame is a UserError."""
+        samples = load_waveform(wav, sample_rate)
+        if len(samples) < self.shortest_input:
+            source = wav if isinstance(wav, (str, Path)) else "The waveform"
+            raise UserError(f"{source} is shorter than one frame ({len(samples)} of {self.shortest_input} "
+                            "samples at 16 kHz): nothing to predict from.")
+        wav = torch.from_numpy(samples).to(self.feature_mean.device)
         self.eval()
         return self.describe(self([wav]))[0]
 

@@ -24,14 +24,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import (
     DEFAULT_CACHE_DIR,
     SAMPLE_RATE,
     build_manifest,
     crop_dataset,
-    default_num_workers,
     epoch_loader,
     prepare_packed_corpus,
     split_manifest,
@@ -56,6 +54,7 @@ from training import (
     prepare_output_dir,
     resume,
     setup_distributed,
+    start_run_log,
     teardown_distributed,
     vote,
     with_stored_flags,
@@ -65,10 +64,12 @@ from utils import (
     UserError,
     add_device_argument,
     add_precision_argument,
+    add_progress_argument,
     add_renamed,
     add_threads_argument,
     autocast_context,
     configure_backends,
+    default_num_workers,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="keep only the newest N checkpoint_<step>.pt files (0: keep all)")
     checkpoints.add_argument("--log-every", type=positive_int, default=20,
                              help="updates between log lines, TensorBoard points and history entries")
+    add_progress_argument(checkpoints)
     return parser
 
 
@@ -313,10 +315,11 @@ def loader_remedy(args: argparse.Namespace) -> str:
 def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     """Data, model, optimizer, schedule and loss scale, restored from latest.pt with --resume."""
     out = prepare_output_dir(args, ddp.is_main)
-    for warning in flag_warnings(args) if ddp.is_main else []:
-        log.warning(warning)
     configure_backends(ddp.device, args.threads)
     train_loader, valid_loader = build_loaders(args, ddp)
+    start_run_log(out, ddp.is_main)  # the data is usable: now the output folder is made
+    for warning in flag_warnings(args) if ddp.is_main else []:
+        log.warning(warning)
     updates_per_epoch = len(train_loader) // args.accumulate_steps
     total_updates = min(args.max_updates or math.inf, args.epochs * updates_per_epoch)
 
@@ -473,7 +476,7 @@ def train(args: argparse.Namespace) -> Path:
     """Pre-train as the flags say; under torchrun every rank calls this. Returns the output folder."""
     ddp = setup_distributed(args.device)
     try:
-        with StopRequest() as stop, logging_redirect_tqdm():
+        with StopRequest() as stop:
             run = setup_run(args, ddp)  # a signal before the first update stops at once: nothing to save
             stop.graceful = True  # from here one finishes the update, saves and stops
             try:

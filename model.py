@@ -420,9 +420,14 @@ class Wav2Vec(nn.Module):
         return self.objective(z, c, negatives, cross_negatives)
 
     @torch.no_grad()
-    def extract_features(self, wav: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """wav (B, L) or (L,), a tensor or a numpy array -> {"z": (B, C, T), "c": (B, C, T)}; no gradients,
-        no loss work."""
+    def extract_features(self, wav: torch.Tensor | np.ndarray, sample_rate: int = 16000
+                         ) -> dict[str, torch.Tensor]:
+        """wav (B, L) or (L,) at 16 kHz, a tensor or a numpy array -> {"z": (B, C, T), "c": (B, C, T)}; no
+        gradients, no loss work. A file or another rate goes through features.load_waveform first."""
+        if isinstance(wav, (str, Path)) or sample_rate != 16000:
+            given = f"the path {wav}" if isinstance(wav, (str, Path)) else f"audio at {sample_rate} Hz"
+            raise UserError(f"extract_features takes a 16 kHz waveform, not {given}: load it with "
+                            "features.load_waveform(path_or_array, sample_rate), which resamples.")
         wav = torch.as_tensor(wav)
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)

@@ -33,11 +33,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from data import STOP_SIGNALS
 from model import Wav2Vec, read_checkpoint
-from utils import UserError, ensure_writable_dir, resolve_device, setup_logging
+from utils import (
+    UserError,
+    check_writable_dir,
+    progress_bar,
+    resolve_device,
+    setup_logging,
+    start_log_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +314,8 @@ def save_run(out: Path, names: tuple[str, ...], model: Wav2Vec, optimizer, sched
 
 
 def prepare_output_dir(args: argparse.Namespace, is_main: bool) -> Path:
-    """The output folder, checked writable, with train.log (rank 0's); refuses to overwrite a run without
-    --resume."""
+    """The output folder, checked before any work but not yet created (start_run_log does that once the data
+    has been checked); refuses to overwrite a run without --resume, while a demo re-run starts over."""
     out = Path(args.output_dir)
     if is_main and not args.resume and (out / "latest.pt").exists():
         if not args.demo:
@@ -317,11 +323,17 @@ def prepare_output_dir(args: argparse.Namespace, is_main: bool) -> Path:
                             "new one with another --output-dir.")
         clear_run(out)  # the demo is the first thing a user repeats: a re-run starts it over
     if is_main:
-        ensure_writable_dir(out)
+        check_writable_dir(out)
         if args.packed_dir and not (Path(args.packed_dir) / "index.json").is_file():  # it will be packed
-            ensure_writable_dir(Path(args.packed_dir), "--packed-dir", "the packed-corpus folder")
-    setup_logging(out / "train.log" if is_main else None, logging.INFO if is_main else logging.WARNING)
+            check_writable_dir(Path(args.packed_dir), "--packed-dir", "the packed-corpus folder")
+    setup_logging(logging.INFO if is_main else logging.WARNING, args.progress)
     return out
+
+
+def start_run_log(out: Path, is_main: bool) -> None:
+    """Create the output folder with train.log (rank 0's), which starts with the lines logged so far."""
+    if is_main:
+        start_log_file(out / "train.log")
 
 
 def clear_run(out: Path) -> None:
@@ -542,8 +554,8 @@ class TrainingLog:
         self.audio_per_update = audio_per_update  # seconds of audio in one update, over all ranks
         self.writer = SummaryWriter(output_dir / "tensorboard", purge_step=progress.step + 1) \
             if ddp.is_main else None
-        self.bar = tqdm(total=total_updates, initial=progress.step, unit="update", dynamic_ncols=True,
-                        disable=not ddp.is_main)
+        self.bar = progress_bar(total=total_updates, initial=progress.step, unit="update", dynamic_ncols=True,
+                                hidden=not ddp.is_main)
         self.micro_batches, self.updates = MetricSums(), MetricSums()
         self.streak = torch.zeros((), device=ddp.device)  # non-finite updates in a row, on the device
         self.nonfinite_streak, self.skipped, self.lr = 0, 0, 0.0

@@ -2,12 +2,14 @@
 directly or through torch.hub."""
 
 import pytest
+import soundfile as sf
 import torch
+from audio import noise
 from scripts import REPO, run_finetune
 from weights import fine_tuned, recorded_load_locations
 
 from heads import Classifier, Pooling, pad_frames
-from model import Wav2Vec
+from model import UserError, Wav2Vec
 
 
 @pytest.mark.parametrize("how", ["mean", "mean+std", "attentive"])
@@ -47,3 +49,14 @@ def test_torch_hub_loads_a_classifier_and_a_pretrained_wav2vec(tmp_path, tones, 
     wav2vec = torch.hub.load(str(REPO), "wav2vec", checkpoint=str(checkpoint32), source="local")
     assert isinstance(classifier, Classifier) and isinstance(wav2vec, Wav2Vec)
     assert wav2vec.extract_features(torch.zeros(4000))["c"].shape[1] == 32
+
+
+def test_predict_takes_a_file_or_a_waveform_at_its_own_rate_alike(tmp_path):
+    model = fine_tuned("classify")
+    wav = noise(0.5)[::2].copy()  # 8 kHz
+    sf.write(tmp_path / "clip.wav", wav, 8000, subtype="FLOAT")
+    from_file = model.predict(tmp_path / "clip.wav")
+    for array in (wav, torch.from_numpy(wav)):
+        assert model.predict(array, sample_rate=8000)["probabilities"] == from_file["probabilities"]
+    with pytest.raises(UserError, match="The waveform is shorter than one frame"):
+        model.predict(wav[:100])

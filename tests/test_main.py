@@ -7,6 +7,7 @@ Tiny configs on small synthetic corpora; subprocesses only where a test needs a 
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -335,6 +336,18 @@ def test_starting_over_an_existing_run_needs_resume(corpus, tmp_path):
         train(corpus, tmp_path, "--max-updates", "1")
 
 
+def test_the_demo_runs_again_from_the_start_and_continues_with_resume(demo_corpus, tmp_path):
+    out = tmp_path / "demo"
+    flags = short_run_flags(demo_corpus, out, "--demo", "--max-updates", "2")
+    for _ in range(2):  # the second run starts over where another run would be refused
+        main.train(main.parse_args(flags))
+        assert load(out / "latest.pt")["step"] == 2
+        assert (out / "train.log").read_text().count("Done: 2 updates") == 1
+    main.train(main.parse_args([*flags[:-1], "3", "--resume"]))
+    assert load(out / "latest.pt")["step"] == 3
+    assert main.parse_args(["--demo"]).output_dir == "checkpoints/demo"  # not the default run's folder
+
+
 # ----- flags and their defaults -------------------------------------------------------------------
 
 def test_fp16_alias_selects_fp16():
@@ -439,13 +452,29 @@ def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_one_process_c
     assert "written by 2 processes, continued by 1" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_a_log_redirected_to_a_file_holds_one_dated_event_per_line(corpus, tmp_path):
+    # As `python main.py ... > run.log 2>&1` or a cluster job writes it: no bars, no carriage returns.
+    flags = tiny_flags(corpus, tmp_path / "out", "--max-updates", "3", "--warmup-updates", "5")
+    with open(tmp_path / "run.log", "w") as output:
+        subprocess.run([sys.executable, "main.py", *flags], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                       env=ONE_THREAD, timeout=120, check=True)
+    text = (tmp_path / "run.log").read_text()
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) >= 6
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) ", line) for line in lines), text
+    assert any("WARNING --warmup-updates 5 is longer" in line for line in lines)
+    assert sum("INFO step " in line for line in lines) == 3
+
+
 def start_training(out: Path, *flags: str, cwd: Path = REPO, script: tuple[str, ...] = ("main.py",),
                    env: dict | None = None) -> subprocess.Popen:
-    """main.py in its own process group, as a terminal or a scheduler starts it; stderr to out/stderr.txt."""
+    """main.py in its own process group, as a terminal or a scheduler starts it; its output (stdout and
+    stderr, as a cluster job's) to out/output.txt."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "stderr.txt", "w") as stderr:
-        return subprocess.Popen([sys.executable, *script, *flags], cwd=cwd, stdout=subprocess.DEVNULL,
-                                stderr=stderr, env=env or ONE_THREAD, start_new_session=True)
+    with open(out / "output.txt", "w") as output:
+        return subprocess.Popen([sys.executable, *script, *flags], cwd=cwd, stdout=output,
+                                stderr=subprocess.STDOUT, env=env or ONE_THREAD, start_new_session=True)
 
 
 def wait_for_line(process: subprocess.Popen, log_file: Path, text: str, timeout: float = 90) -> None:
@@ -475,7 +504,7 @@ def test_sigterm_to_the_process_group_saves_the_last_update_and_the_run_resumes(
                                                    str(workers)))
     wait_for_line(process, tmp_path / "train.log", "INFO step 2 ")
     code, seconds = stop_group(process, signal.SIGTERM, timeout=30)
-    assert code == 0 and seconds < 30, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert code == 0 and seconds < 30, (tmp_path / "output.txt").read_text()[-3000:]
     log_text = (tmp_path / "train.log").read_text()
     ckpt = load(tmp_path / "latest.pt")
     last_update = max(entry["step"] for entry in ckpt["history"]["train"])
@@ -501,7 +530,7 @@ def test_ctrl_c_while_the_demo_corpus_is_synthesised_stops_at_once_and_leaves_no
     out = tmp_path / "checkpoints"
     process = start_training(out, "--demo", "--output-dir", str(out), cwd=tmp_path,
                              script=(str(REPO / "main.py"),))
-    wait_for_line(process, out / "train.log", "Synthesising the demo corpus")
+    wait_for_line(process, out / "output.txt", "Synthesising the demo corpus")  # before train.log exists
     code, seconds = stop_group(process, signal.SIGINT, timeout=30)
     assert code == 130 and seconds < 10
     assert not (out / "latest.pt").exists()
@@ -524,7 +553,7 @@ def test_ctrl_c_while_the_corpus_is_packed_stops_at_once_and_leaves_no_run(corpu
     result = run_script("-c", INTERRUPT_PACKING, *tiny_flags(corpus, tmp_path, "--packed-dir",
                                                              str(tmp_path / "packed")))
     assert result.returncode == 130, result.stderr[-3000:]
-    assert "SIGINT received before the first update" in result.stderr
+    assert "SIGINT received before the first update" in result.stdout  # the log: stdout
     assert not (tmp_path / "latest.pt").exists()
 
 
@@ -541,7 +570,7 @@ main.run_cli(main.main)
 
 
 def run_two_ranks(out: Path, script: str, *flags: str, timeout: float = 60) -> list[int]:
-    """`python -c script flags` as ranks 0 and 1 of a gloo job (stderr in out/rank<r>/); their exit codes."""
+    """`python -c script flags` as ranks 0 and 1 of a gloo job (output in out/rank<r>/); their exit codes."""
     env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     ranks = [start_training(out / f"rank{r}", "-c", script, *flags, script=(),
                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
@@ -560,11 +589,11 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp
     # Before the vote, the signalled rank left at the epoch's end and the other waited for it forever.
     codes = run_two_ranks(tmp_path, SIGNAL_RANK_1_IN_VALIDATION,
                           *tiny_flags(corpus, tmp_path, "--epochs", "1000", "--batch-size", "1"))
-    assert codes == [0, 0], (tmp_path / "rank0" / "stderr.txt").read_text()[-3000:]
+    assert codes == [0, 0], (tmp_path / "rank0" / "output.txt").read_text()[-3000:]
     ckpt = load(tmp_path / "latest.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["crops_in_epoch"]) == (4, 1, 0)  # the end of epoch 0
     assert "Stopped by a signal to another rank at step 4" in (tmp_path / "train.log").read_text()
-    assert "SIGTERM received" in (tmp_path / "rank1" / "stderr.txt").read_text()
+    assert "SIGTERM received" in (tmp_path / "rank1" / "output.txt").read_text()
 
 
 SKEWED_CLOCKS = """
@@ -586,7 +615,7 @@ def test_save_every_minutes_saves_each_boundary_once_on_every_rank_whichever_clo
     codes = run_two_ranks(tmp_path, SKEWED_CLOCKS, *tiny_flags(
         corpus, tmp_path, "--batch-size", "1", "--epochs", "3", "--max-updates", "10", "--log-every", "7",
         "--save-every-minutes", "0.05", "--keep-last", "0"))
-    assert codes == [0, 0], (tmp_path / "rank0" / "stderr.txt").read_text()[-3000:]
+    assert codes == [0, 0], (tmp_path / "rank0" / "output.txt").read_text()[-3000:]
     numbered = sorted(int(path.stem.split("_")[1]) for path in tmp_path.glob("checkpoint_*.pt"))
     assert numbered == [2, 5, 8]
     logged = [entry["step"] for entry in load(tmp_path / "latest.pt")["history"]["train"]]

@@ -260,6 +260,13 @@ def test_extract_features_shapes_for_batched_and_single_waveforms():
     assert not feats["c"].requires_grad
 
 
+@pytest.mark.parametrize("wav, sample_rate, given", [("clip.wav", 16000, "the path clip.wav"),
+                                                    (np.zeros(8000), 8000, "audio at 8000 Hz")])
+def test_extract_features_sends_a_path_or_another_rate_to_load_waveform(wav, sample_rate, given):
+    with pytest.raises(UserError, match=f"not {given}: load it with features.load_waveform"):
+        tiny().extract_features(wav, sample_rate)
+
+
 def test_extract_features_accepts_numpy_as_well_as_tensors():
     model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16)).eval()
     wav = np.random.default_rng(0).standard_normal(4000)  # float64, as numpy makes it

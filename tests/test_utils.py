@@ -1,15 +1,23 @@
 """The command-line edge shared by every script (utils.py): precision chosen by the hardware, one set of
 backend flags, --threads."""
 
+import io
 import logging
+import os
+import re
+import sys
+import warnings
 
 import pytest
 import threadpoolctl
 import torch
 
+import bench
 import extract
+import finetune
 import main
 import probe
+import suite
 import utils
 import vis
 
@@ -66,3 +74,69 @@ def test_every_entry_script_takes_threads(demo_corpus, checkpoint16, tmp_path):
     assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}  # NumPy's BLAS too
     for script in (vis, main):
         assert script.parse_args(["--data-dir", str(demo_corpus), "--threads", "1"]).threads == 1
+
+
+def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
+    for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert utils.default_num_workers() == workers
+
+
+# ----- the log and progress bars (#26) ------------------------------------------------------------
+
+DATED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
+
+
+def test_log_lines_go_to_stdout_dated_one_event_per_line_warnings_among_them(capsys):
+    utils.setup_logging()
+    logging.getLogger("test").info("first event")
+    warnings.warn("a library's\nwarning", UserWarning, stacklevel=1)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert err == "" and len(lines) == 2 and all(DATED.match(line) for line in lines)
+    assert lines[0].endswith("INFO first event") and "UserWarning: a library's warning" in lines[1]
+
+
+@pytest.mark.parametrize("mode, terminal, drawn", [("auto", False, False), ("auto", True, True),
+                                                   ("always", False, True), ("never", True, False)])
+def test_progress_bars_draw_on_a_terminal_unless_told_otherwise(monkeypatch, mode, terminal, drawn):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    utils.setup_logging(progress=mode)
+    assert utils.progress_bar(range(3)).disable is not drawn
+    assert utils.progress_bar(range(3), hidden=True).disable  # a DDP rank other than 0 never draws
+
+
+def test_a_log_line_never_shares_a_row_with_a_progress_bar():
+    screen = io.StringIO()  # a terminal: the bar and the log lines share it
+    utils.setup_logging(progress="always")
+    logging.getLogger().handlers[0].setStream(screen)
+    with utils.progress_bar(range(3), file=screen, desc="work") as bar:
+        for _ in bar:
+            logging.getLogger("test").info("an event")
+    rows = [row.rsplit("\r", 1)[-1] for row in screen.getvalue().split("\n")]  # what each row shows last
+    events = [row for row in rows if "an event" in row]
+    assert len(events) == 3 and all(DATED.match(row) for row in events)
+
+
+def test_lines_logged_before_the_log_file_opens_start_it(tmp_path):
+    utils.setup_logging()
+    logging.getLogger("test").info("checked the data")
+    assert not (tmp_path / "out").exists()
+    utils.start_log_file(tmp_path / "out" / "train.log")
+    logging.getLogger("test").info("training")
+    lines = (tmp_path / "out" / "train.log").read_text().splitlines()
+    assert [line.split(" INFO ")[1] for line in lines] == ["checked the data", "training"]
+
+
+def test_every_script_that_draws_a_bar_takes_progress(tmp_path):
+    data = ["--data-dir", str(tmp_path)]
+    parsed = [main.build_parser().parse_args([*data, "--progress", "never"]),
+              vis.parse_args([*data, "--progress", "never"]),
+              extract.parse_args([*data, "--checkpoint", "mfcc", "--output", "o", "--progress", "never"]),
+              probe.parse_args([*data, "--checkpoint", "mfcc", "--labels", "folder", "--progress", "never"]),
+              suite.parse_args(["fsdd", *data, "--checkpoint", "c.pt", "--progress", "never"]),
+              bench.parse_args(["--progress", "never"]),
+              finetune.parse_train_args([*data, "--checkpoint", "mfcc", "--labels", "folder", "--progress",
+                                         "never"]),
+              finetune.parse_predict_args([*data, "--model", "m.pt", "--progress", "never"])]
+    assert [args.progress for args in parsed] == ["never"] * len(parsed)
