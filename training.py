@@ -470,7 +470,7 @@ def restore_rng_state(state: dict) -> None:
 # What describes the machine, not the run: on --resume these come from this command line (or its defaults,
 # computed here: --num-workers from this machine's CPUs, --precision auto from its hardware), never from the
 # checkpoint, so that a run started on a laptop continues on a GPU node with the node's settings.
-MACHINE_FLAGS = ("device", "num_workers", "threads", "compile", "precision", "cache_dir")
+MACHINE_FLAGS = ("device", "num_workers", "threads", "compile", "precision", "cache_dir", "progress")
 
 # What a resumed run cannot change: the model's shape and objective (the weights are for them), and the
 # seed (the data order, crops and distractors of the rest of the run follow it).
