@@ -1,13 +1,12 @@
-"""scripts/gpu_check.py on a machine without a GPU: it says so, and its table runner on stand-in steps."""
+"""tools/gpu_check.py on a machine without a GPU: it says so, and its table runner on stand-in steps."""
 
 import importlib.util
 import sys
 
 import torch
-
 from scripts import REPO
 
-spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # a script, not a module
 spec.loader.exec_module(gpu_check)
 

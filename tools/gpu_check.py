@@ -1,6 +1,6 @@
 """The GPU check: every CUDA path of this repository, through its real entry points, in one table.
 
-    python scripts/gpu_check.py [--work-dir DIR]
+    python tools/gpu_check.py [--work-dir DIR]
 
 No GPU has run this code yet (docs/TRAINING.md, "What was tested where"); this is the script for the day one
 is lent. Each step runs an entry point in a subprocess, in --work-dir (a new temporary folder by default),
