@@ -107,3 +107,25 @@ def test_channels_follow_the_preset_so_the_small_model_is_benchmarked_at_128():
 def test_the_old_use_transforms_flag_still_turns_augmentation_on_and_warns(capsys):
     assert bench.parse_args(["--use-transforms"]).augment
     assert "warning: --use-transforms is now --augment" in capsys.readouterr().err
+
+
+def test_both_training_paths_take_turns_on_every_batch_and_report_their_ratio():
+    result = bench.main([*TINY, "--what", "train", "--train-path", "both", "--repeats", "3"])
+    assert (result["training_path"], result["plain_training_path"]) == ("fast", "plain")
+    assert len(result["step_seconds"]) == len(result["plain_step_seconds"]) == 3
+    assert result["fast_over_plain_median"] == pytest.approx(
+        result["seconds_per_step_median"] / result["plain_seconds_per_step_median"], abs=2e-3)
+    plain_flops_per_second = result["flops_per_step"] / result["plain_seconds_per_step_median"]
+    assert result["plain_mfu"] == pytest.approx(
+        plain_flops_per_second / result["matmul_peak_flops_per_second"], abs=1e-3)
+    calls = []
+    seconds = bench.time_steps({name: lambda wav, name=name: calls.append(name) for name in "ab"},
+                               [torch.zeros(1)] * 4, 1, torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order turns every batch
+    assert [len(s) for s in seconds.values()] == [3, 3]
+
+
+@pytest.mark.parametrize("flags, path", [((), "fast"), (("--train-path", "plain"), "plain"),
+                                         (("--model", "wav2vec_tiny"), "plain")])
+def test_the_train_benchmark_says_which_training_path_it_timed(flags, path):
+    assert bench.main([*TINY, "--what", "train", *flags])["training_path"] == path
