@@ -7,6 +7,8 @@ import pytest
 import threadpoolctl
 import torch
 
+import bench
+import export
 import extract
 import main
 import probe
@@ -62,3 +64,18 @@ def test_every_entry_script_takes_threads(demo_corpus, checkpoint16, tmp_path):
     assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}  # NumPy's BLAS too
     for script in (vis, main):
         assert script.parse_args(["--data-dir", str(demo_corpus), "--threads", "1"]).threads == 1
+
+
+@pytest.mark.parametrize("script", ["bench", "export"])
+def test_threads_caps_torch_and_blas_in_bench_and_export(script, checkpoint16, tmp_path):
+    torch.set_num_threads(2)
+    threadpoolctl.threadpool_limits(2)
+    if script == "bench":
+        bench.main(["--what", "train", "--channels", "8", "--batch-size", "1", "--segment-length", "2000",
+                    "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--device", "cpu",
+                    "--threads", "1"])
+    else:
+        export.main(["--checkpoint", str(checkpoint16), "--output", str(tmp_path / "f.onnx"),
+                     "--threads", "1"])
+    assert torch.get_num_threads() == 1
+    assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}
