@@ -2,6 +2,8 @@
 backend flags, --threads."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import threadpoolctl
@@ -48,6 +50,23 @@ def test_on_cuda_convolutions_may_use_tf32_but_the_objectives_matmuls_stay_fp32(
     assert not torch.backends.cuda.matmul.allow_tf32  # step projections and scores
     assert torch.backends.cudnn.allow_tf32
     assert torch.backends.cudnn.benchmark
+
+
+@pytest.mark.slow
+def test_on_cpu_freed_memory_stays_in_the_process_so_the_next_step_faults_no_pages_in():
+    # In a process of its own: the setting is process-wide and, once made, cannot be undone. The heap takes a
+    # few allocations to settle (freed blocks next to small live ones are not reused at once).
+    code = ("import resource, torch, utils\n"
+            "utils.configure_backends(torch.device('cpu'))\n"
+            "for _ in range(20): torch.ones(2**24)\n"  # 64 MiB (above glibc's mmap threshold), freed at once
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(3): torch.ones(2**24)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    if not utils.keep_freed_memory():
+        pytest.skip("not Linux with glibc")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=utils.__file__.rsplit("/", 1)[0])
+    assert int(run.stdout) < 1000  # without it, each time 16,384 pages of 4 KiB are faulted in again
 
 
 # ----- --threads ----------------------------------------------------------------------------------
