@@ -111,9 +111,9 @@ def configure_backends(device: torch.device, threads: int | None = None) -> None
 def keep_freed_memory() -> bool:
     """Make glibc's malloc (PyTorch's CPU allocator) serve every allocation from its heap and never give
     freed memory back to the system; True if it took the settings, False off Linux/glibc. Otherwise each
-    training step maps its large activations afresh and faults every 4 KiB page in again: 26-48 thousand
-    faults per step of the 128-channel model, a 0.91x step time without them (#27, docs/RESULTS.md). The
-    cost: the process keeps its peak heap resident until it exits (a training process reuses it each step)."""
+    training step maps its large activations afresh and faults every 4 KiB page in again: 20-35 thousand
+    faults per step of the 128-channel model, and 0.91-0.92x the CPU time without them (docs/RESULTS.md).
+    The cost: the process keeps its peak heap resident until it exits (a training process reuses it)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
