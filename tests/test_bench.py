@@ -113,8 +113,8 @@ def test_both_training_paths_take_turns_on_every_batch_and_report_their_ratio():
     result = bench.main([*TINY, "--what", "train", "--train-path", "both", "--repeats", "3"])
     assert (result["training_path"], result["plain_training_path"]) == ("fast", "plain")
     assert len(result["step_seconds"]) == len(result["plain_step_seconds"]) == 3
-    assert result["fast_over_plain_median"] == pytest.approx(
-        result["seconds_per_step_median"] / result["plain_seconds_per_step_median"], abs=2e-3)
+    assert result["fast_over_plain_median"] == pytest.approx(  # times are rounded to 0.1 ms in the report
+        result["seconds_per_step_median"] / result["plain_seconds_per_step_median"], rel=0.05)
     plain_flops_per_second = result["flops_per_step"] / result["plain_seconds_per_step_median"]
     assert result["plain_mfu"] == pytest.approx(
         plain_flops_per_second / result["matmul_peak_flops_per_second"], abs=1e-3)
