@@ -35,6 +35,7 @@ from data import (
     split_manifest,
 )
 from demo import DEMO_DIR, ensure_demo_corpus
+from fastpath import fast_or_plain
 from model import PRESETS, Wav2Vec, Wav2VecConfig
 from training import (
     CollapseWatch,
@@ -333,9 +334,11 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args, ddp) \
         if args.resume else Progress()
     progress.check_epoch(train_loader.sampler.num_items)
-    trained = model  # DDP, then compile: DDP's hooks overlap the all_reduce with the compiled backward
+    # The time-major CPU step (fastpath.py), or model.py's own path when compiled (measured faster, #27);
+    # then DDP, then compile: DDP's hooks overlap the all_reduce with the compiled backward.
+    trained = model if args.compile else fast_or_plain(model)
     if ddp.enabled:
-        trained = DistributedDataParallel(model, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
+        trained = DistributedDataParallel(trained, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
                                           else None)
     trained = torch.compile(trained) if args.compile else trained
 

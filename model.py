@@ -455,9 +455,12 @@ class Wav2Vec(nn.Module):
         # Row u holds the predictions made for target frame u: step k comes from context frame u - offset - k.
         source = torch.arange(T, device=z.device).view(T, 1) - offset - torch.arange(steps, device=z.device)
         valid = source >= 0  # (T, K)
-        predictions = predictions[:, source.clamp(min=0), torch.arange(steps, device=z.device)]
+        # index_select, not advanced indexing: its backward is a scatter-add, not a sort (issue #27)
+        rows = (source.clamp(min=0) * predictions.shape[2] + torch.arange(steps, device=z.device)).flatten()
+        predictions = predictions.flatten(1, 2).index_select(1, rows).unflatten(1, (T, steps))
         with torch.autocast(z.device.type, enabled=False):
-            targets = _at_least_fp32(z).transpose(1, 2).reshape(B * T, -1)[candidates]  # (B, T, J, C)
+            frames = _at_least_fp32(z).transpose(1, 2).reshape(B * T, -1)
+            targets = frames.index_select(0, candidates.flatten()).view(*candidates.shape, -1)  # (B, T, J, C)
             scores = _at_least_fp32(predictions) @ targets.transpose(-1, -2)  # (B, T, K, J)
             return self._loss_and_metrics(scores, valid)
 

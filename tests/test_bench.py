@@ -121,3 +121,25 @@ def test_on_cuda_the_train_benchmark_reports_peak_memory_and_the_host_syncs_in_a
     assert (report["cuda_peak_memory_gb"], report["host_syncs_per_step"]) == (3.0, 1)
     assert modes == ["warn", "default"]  # and the debug mode is off again
     assert bench.cuda_report(torch.device("cpu"), step, torch.zeros(1)) == {}
+
+
+def test_both_training_paths_take_turns_on_every_batch_and_report_their_ratio():
+    result = bench.main([*TINY, "--what", "train", "--train-path", "both", "--repeats", "3"])
+    assert (result["training_path"], result["plain_training_path"]) == ("fast", "plain")
+    assert len(result["step_seconds"]) == len(result["plain_step_seconds"]) == 3
+    assert result["fast_over_plain_median"] == pytest.approx(  # times are rounded to 0.1 ms in the report
+        result["seconds_per_step_median"] / result["plain_seconds_per_step_median"], rel=0.05)
+    plain_flops_per_second = result["flops_per_step"] / result["plain_seconds_per_step_median"]
+    assert result["plain_mfu"] == pytest.approx(
+        plain_flops_per_second / result["matmul_peak_flops_per_second"], abs=1e-3)
+    calls = []
+    seconds = bench.time_steps({name: lambda wav, name=name: calls.append(name) for name in "ab"},
+                               [torch.zeros(1)] * 4, 1, torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order turns every batch
+    assert [len(s) for s in seconds.values()] == [3, 3]
+
+
+@pytest.mark.parametrize("flags, path", [((), "fast"), (("--train-path", "plain"), "plain"),
+                                         (("--model", "wav2vec_tiny"), "plain")])
+def test_the_train_benchmark_says_which_training_path_it_timed(flags, path):
+    assert bench.main([*TINY, "--what", "train", *flags])["training_path"] == path

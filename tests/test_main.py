@@ -32,6 +32,7 @@ import utils
 import vis
 from data import CropDataset
 from demo import make_demo_corpus
+from fastpath import FastTraining
 from model import UserError, Wav2Vec, Wav2VecConfig
 from training import save_checkpoint
 
@@ -191,6 +192,16 @@ def test_main_and_bench_set_the_backend_flags_through_one_function(backend_flags
     corpus = make_demo_corpus(tmp_path / "audio", num_speakers=1, files_per_speaker=4, seconds_per_file=1.0)
     main.train(main.parse_args(short_run_flags(corpus, tmp_path / "run", "--max-updates", "1")))
     assert calls == [torch.device("cpu")] * 2
+
+
+@pytest.mark.parametrize("flags, fast", [((), True), (("--compile",), False), (("--norm", "layer"), False)])
+def test_cpu_training_takes_the_fast_step_unless_compiled_or_unsupported(fresh_corpus, tmp_path, flags, fast):
+    args = main.parse_args(short_run_flags(fresh_corpus, tmp_path / "run", *flags))
+    run = main.setup_run(args, training.Distributed(device=torch.device("cpu")))
+    run.log.close()
+    trained = getattr(run.trained, "_orig_mod", run.trained)  # under torch.compile
+    assert isinstance(trained, FastTraining) == fast
+    assert (trained.model if fast else trained) is run.model  # checkpoints save run.model, names unchanged
 
 
 # ----- resume -------------------------------------------------------------------------------------

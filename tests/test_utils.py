@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import re
+import subprocess
 import sys
 import warnings
 
@@ -13,6 +14,7 @@ import threadpoolctl
 import torch
 
 import bench
+import export
 import extract
 import finetune
 import main
@@ -58,6 +60,23 @@ def test_on_cuda_convolutions_may_use_tf32_but_the_objectives_matmuls_stay_fp32(
     assert not torch.backends.cuda.matmul.allow_tf32  # step projections and scores
     assert torch.backends.cudnn.allow_tf32
     assert torch.backends.cudnn.benchmark
+
+
+@pytest.mark.slow
+def test_on_cpu_freed_memory_stays_in_the_process_so_the_next_step_faults_no_pages_in():
+    # In a process of its own: the setting is process-wide and, once made, cannot be undone. The heap takes a
+    # few allocations to settle (freed blocks next to small live ones are not reused at once).
+    code = ("import resource, torch, utils\n"
+            "utils.configure_backends(torch.device('cpu'))\n"
+            "for _ in range(20): torch.ones(2**24)\n"  # 64 MiB (above glibc's mmap threshold), freed at once
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(3): torch.ones(2**24)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    if not utils.keep_freed_memory():
+        pytest.skip("not Linux with glibc")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=utils.__file__.rsplit("/", 1)[0])
+    assert int(run.stdout) < 1000  # without it, each time 16,384 pages of 4 KiB are faulted in again
 
 
 # ----- --threads ----------------------------------------------------------------------------------
@@ -140,3 +159,18 @@ def test_every_script_that_draws_a_bar_takes_progress(tmp_path):
                                          "never"]),
               finetune.parse_predict_args([*data, "--model", "m.pt", "--progress", "never"])]
     assert [args.progress for args in parsed] == ["never"] * len(parsed)
+
+
+@pytest.mark.parametrize("script", ["bench", "export"])
+def test_threads_caps_torch_and_blas_in_bench_and_export(script, checkpoint16, tmp_path):
+    torch.set_num_threads(2)
+    threadpoolctl.threadpool_limits(2)
+    if script == "bench":
+        bench.main(["--what", "train", "--channels", "8", "--batch-size", "1", "--segment-length", "2000",
+                    "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--device", "cpu",
+                    "--threads", "1"])
+    else:
+        export.main(["--checkpoint", str(checkpoint16), "--output", str(tmp_path / "f.onnx"),
+                     "--threads", "1"])
+    assert torch.get_num_threads() == 1
+    assert {pool["num_threads"] for pool in threadpoolctl.threadpool_info()} == {1}
