@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data import FRAME_HOP, SAMPLE_RATE, augment, change_speed, load_audio
 from heads import FineTuned, pad_frames
 from labels import first_few
-from utils import UserError, temporary_beside
+from utils import UserError, progress_bar, temporary_beside
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def prepare_inputs(model: FineTuned, paths: Sequence[Path], stage: str, device: 
     """Per file: the waveform (numpy, stage "wav"), or the output of the frozen stages, computed once (in
     float16 for every layer's frames, layer "all", which are nine times the frames of one layer)."""
     inputs = []
-    for path in tqdm(paths, desc=f"loading ({stage})", unit="file", leave=False):
+    for path in progress_bar(paths, desc=f"loading ({stage})", unit="file", leave=False):
         wav = load_audio(path, SAMPLE_RATE)
         shortest = model.shortest_input
         if len(wav) < shortest:

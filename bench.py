@@ -2,20 +2,24 @@
 
     python bench.py --what train|extract [--model wav2vec] [--channels 512] [--batch-size 4]
                     [--segment-length 32000] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda]
-                    [--compile] [--data-dir DIR] [--repeats 5] [--warmup 2] --json OUT.json
+                    [--train-path fast|plain|both] [--compile] [--data-dir DIR] [--repeats 5] [--warmup 2]
+                    [--threads N] --json OUT.json
     python bench.py --what loader --data-dir DIR [--segment-length 32000] [--batch-size 8] [--num-workers 0]
                     [--packed-dir DIR_FOR_PACKED] [--batches 50] [--repeats 5] --json OUT.json
     python bench.py --what stream [--hops 1000] [--warmup 2] [--chunk-ms 10,40,160,640]
                     [--presets wav2vec_tiny,wav2vec] [--data-dir CALIBRATION_AUDIO] --json OUT.json
 
 train: one full training step as main.py takes it (forward with freshly sampled distractors, loss, backward,
-gradient clipping, AdamW; autocast, and a GradScaler for fp16). extract: model.extract_features under
-autocast. Both set the backend flags as main.py does (utils.configure_backends: cuDNN autotuning, TF32
-convolutions and fp32 matmuls on CUDA) and run on random waveforms, or on real training batches with
---data-dir; they report seconds per step, audio seconds per wall-clock second, and the model FLOP
-utilisation (MFU): analytic FLOPs per second over the peak of a square matmul measured on the same device in
-the precision the convolutions use (TF32 for fp32 on CUDA, where nearly all FLOPs are convolutions). train
-with --data-dir also runs the loader benchmark and says whether the loader keeps up with the step.
+gradient clipping, AdamW; autocast, and a GradScaler for fp16), on the time-major CPU path of fastpath.py
+where it applies, as main.py trains; --train-path plain times model.py's own path, and both times the two
+interleaved step by step in one run, each on its own copy of the model, with their ratio. extract:
+model.extract_features under autocast. Both set the backend flags as main.py does (utils.configure_backends:
+cuDNN autotuning, TF32 convolutions and fp32 matmuls on CUDA) and run on random waveforms, or on real
+training batches with --data-dir; they report seconds per step, audio seconds per wall-clock second, and
+the model FLOP utilisation (MFU): analytic FLOPs per second over the peak of a square matmul measured on the
+same device in the precision the convolutions use (TF32 for fp32 on CUDA, where nearly all FLOPs are
+convolutions). train with --data-dir also runs the loader benchmark and says whether the loader keeps up
+with the step.
 
 stream: audio pushed in chunks of --chunk-ms (whole 10 ms hops; the state carried from call to call) on one
 CPU thread, for the tiny and base layouts with per-frame LayerNorm: PyTorch (model.streamer() and the traced
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -41,6 +46,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,6 +63,7 @@ from data import (
     epoch_loader,
     prepare_packed_corpus,
 )
+from fastpath import FastTraining, fast_or_plain
 from model import PRESETS, StreamingStep, Wav2Vec, Wav2VecConfig
 from training import build_optimizer, make_grad_scaler, optimizer_step
 from utils import (
@@ -65,6 +72,7 @@ from utils import (
     UserError,
     add_device_argument,
     add_precision_argument,
+    add_progress_argument,
     add_renamed,
     add_threads_argument,
     autocast_context,
@@ -106,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="steps (or loader batches) run before timing: allocator, kernels, workers warm up")
     what.add_argument("--json", type=Path, help="also write the results to this JSON file")
     what.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs, sampler and crops")
+    add_progress_argument(what)
     model = parser.add_argument_group("model (train, extract)")
     model.add_argument("--model", choices=sorted(PRESETS), default="wav2vec",
                        help="model configuration (main.py's --model)")
@@ -114,7 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_precision_argument(model, default="fp32")
     add_device_argument(model)
     add_threads_argument(model)
-    model.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up compiles)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (the warm-up compiles; train: model.py's path, as in "
+                            "main.py)")
+    model.add_argument("--train-path", choices=("fast", "plain", "both"), default="fast",
+                       help="train: fastpath.py's step where it applies (as main.py trains), model.py's "
+                            "plain step, or both interleaved in one run with their ratio (fast / plain)")
     model.add_argument("--matmul-size", type=int,
                        help="side of the square matmul that measures the peak (default 2048 CPU, 8192 GPU)")
     data = parser.add_argument_group("data")
@@ -215,18 +229,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[torch.Tensor], object], batches: list[torch.Tensor], warmup: int,
-               device: torch.device) -> list[float]:
-    """Seconds of each step after the first `warmup` batches; synchronised only around each step."""
+def time_steps(steps: dict[str, Callable[[torch.Tensor], object]], batches: list[torch.Tensor], warmup: int,
+               device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each step function on each batch after the first `warmup`, synchronised only around each
+    step. Several functions take turns on every batch, in reversed order every other batch, so that a load
+    that comes and goes weighs on them alike."""
     for wav in batches[:warmup]:
-        step(wav)
-    seconds = []
-    for wav in batches[warmup:]:
-        synchronize(device)
-        start = time.perf_counter()
-        step(wav)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        for step in steps.values():
+            step(wav)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for i, wav in enumerate(batches[warmup:]):
+        for name in list(steps)[::-1 if i % 2 else 1]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name](wav)
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
     return seconds
 
 
@@ -334,24 +352,78 @@ def step_report(args: argparse.Namespace, device: torch.device, seconds: list[fl
     }
 
 
+def training_step(args: argparse.Namespace, model: Wav2Vec, path: str,
+                  losses: list[torch.Tensor]) -> tuple[Callable[[torch.Tensor], None], str]:
+    """A function making one update of `model` on wav (B, L) along `path` ("fast" or "plain"), appending its
+    loss to `losses`; and the path it takes (the fast one applies only where fastpath.py says)."""
+    device = next(model.parameters()).device
+    optimizer, scaler = build_optimizer(model, lr=1e-3), make_grad_scaler(device, args.precision)
+    forward = torch.compile(model) if args.compile else fast_or_plain(model) if path == "fast" else model
+    amp = autocast_context(device, args.precision)
+    taken = "fast" if isinstance(forward, FastTraining) else "plain"
+    return lambda wav: losses.append(train_step(forward, optimizer, scaler, amp, wav)), taken
+
+
 def bench_train(args: argparse.Namespace) -> dict:
-    """Seconds per training step; with --data-dir, also whether the loader delivers audio fast enough."""
+    """Seconds per training step; with --train-path both, the plain step's too and the ratio; with --data-dir,
+    also whether the loader delivers audio fast enough."""
     device = resolve_device(args.device)
     model = build_model(args, device).train()
-    optimizer, scaler = build_optimizer(model, lr=1e-3), make_grad_scaler(device, args.precision)
-    forward = torch.compile(model) if args.compile else model
-    amp = autocast_context(device, args.precision)
+    paths = ("fast", "plain") if args.train_path == "both" else (args.train_path,)
+    losses: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
+    steps, taken = {}, {}
+    for path in paths:  # each path on its own copy of the same initial weights
+        copy_of_model = copy.deepcopy(model) if len(paths) > 1 else model
+        steps[path], taken[path] = training_step(args, copy_of_model, path, losses[path])
     batches, source = model_inputs(args, device)
-    losses = []
-    seconds = time_steps(lambda wav: losses.append(train_step(forward, optimizer, scaler, amp, wav)),
-                         batches, args.warmup, device)
+    seconds = time_steps(steps, batches, args.warmup, device)
     flops = TRAIN_FLOPS_FACTOR * sum(model.forward_flops(args.segment_length).values()) * args.batch_size
-    result = step_report(args, device, seconds, flops, "3 x analytic forward_flops (objective included)",
-                         source)
-    result["last_loss"] = round(losses[-1].item(), 4)
+    result = step_report(args, device, seconds[paths[0]], flops,
+                         "3 x analytic forward_flops (objective included)", source)
+    result["training_path"] = taken[paths[0]]
+    result["last_loss"] = round(losses[paths[0]][-1].item(), 4)
+    if args.train_path == "both":
+        result.update(path_comparison(seconds, taken["plain"], result))
+    result.update(cuda_report(device, steps[paths[0]], batches[-1]))
     if args.data_dir is not None:
         result.update(loader_comparison(args, result["audio_seconds_per_second"]))
     return result
+
+
+def cuda_report(device: torch.device, step: Callable[[torch.Tensor], object], wav: torch.Tensor) -> dict:
+    """On CUDA, the peak memory of the steps so far and the host-device syncs inside one more step, as
+    torch.cuda.set_sync_debug_mode("warn") reports them (each one stalls the queue of GPU work); nothing on
+    the CPU."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(wav)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return {"cuda_peak_memory_gb": round(peak, 2), "host_syncs_per_step": len(syncs),
+            "host_syncs": sorted(set(syncs))}
+
+
+def path_comparison(seconds: dict[str, list[float]], plain_taken: str, result: dict) -> dict:
+    """The plain step's timings next to the fast one's (`result`): medians, MFU and the ratios fast / plain,
+    of the medians and the median of each batch's pair (the steps took turns on every batch)."""
+    fast, plain = seconds["fast"], seconds["plain"]
+    median = statistics.median(plain)
+    return {
+        "plain_training_path": plain_taken,
+        "plain_step_seconds": [round(s, 4) for s in plain],
+        "plain_seconds_per_step_median": round(median, 4),
+        "plain_seconds_per_step_min": round(min(plain), 4),
+        "plain_mfu": round(result["flops_per_step"] / median / result["matmul_peak_flops_per_second"], 3),
+        "fast_over_plain_median": round(statistics.median(fast) / median, 3),
+        "fast_over_plain_paired": round(statistics.median(f / p for f, p in zip(fast, plain, strict=True)),
+                                        3),
+    }
 
 
 def loader_comparison(args: argparse.Namespace, consumed: float) -> dict:
@@ -378,7 +450,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
             extract(wav)
 
     batches, source = model_inputs(args, device)
-    seconds = time_steps(step, batches, args.warmup, device)
+    seconds = time_steps({"extract": step}, batches, args.warmup, device)["extract"]
     flops = sum(model.forward_flops(args.segment_length, objective=False).values()) * args.batch_size
     return step_report(args, device, seconds, flops, "analytic forward_flops (encoder and context only)",
                        source)
@@ -525,7 +597,7 @@ def busy_warning(load: float) -> str | None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark the arguments name, print it as a table, write the JSON; return the result."""
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(progress=args.progress)
     if args.what == "loader" and args.data_dir is None:  # a refusal comes before the busy-machine warning
         raise UserError("--what loader needs --data-dir.")
     set_threads(args.threads)

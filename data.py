@@ -36,9 +36,8 @@ import soundfile as sf
 import torch
 from scipy.signal import firwin, resample_poly
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
-from utils import UserError, temporary_beside
+from utils import UserError, progress_bar, temporary_beside
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +169,7 @@ def probe_audio(path: Path | str) -> AudioInfo:
     path = Path(path)
     reader = _open_reader(path)
     reader.close()
-    if reader.channels < 1:
-        raise AudioReadError(path, "no audio channels")
-    if reader.frames < 1 or reader.samplerate < 1:
+    if min(reader.channels, reader.frames, reader.samplerate) < 1:
         raise AudioReadError(path, "no audio frames")
     return AudioInfo(reader.frames, reader.samplerate, reader.channels)
 
@@ -196,6 +193,12 @@ def _lowpass(up: int, down: int) -> np.ndarray:
     return firwin(2 * RESAMPLE_HALF_WIDTH * width + 1, 1 / width, window=("kaiser", 5.0)).astype(np.float32)
 
 
+def resample(wav: np.ndarray, native_rate: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """wav (L,) from native_rate to sample_rate (resample_poly with _lowpass, its filter designed once)."""
+    up, down = _ratio(native_rate, sample_rate)
+    return wav if up == down or not len(wav) else resample_poly(wav, up, down, window=_lowpass(up, down))
+
+
 def _native_window(start: int, stop: int, frames: int, up: int, down: int) -> tuple[int, int]:
     """Native frames [begin, end) whose resampling covers output samples [start, stop).
 
@@ -217,7 +220,7 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, offset: int = 0
     reader = _open_reader(path)
     try:
         up, down = _ratio(reader.samplerate, sample_rate)
-        total = -(-reader.frames * up // down)
+        total = resampled_length(reader.frames, reader.samplerate, sample_rate)
         stop = total if num_samples is None else offset + num_samples
         begin, end = _native_window(offset, stop, reader.frames, up, down)
         mono = reader.read(begin, end).mean(axis=1)  # mixing before resampling: fewer samples, same result
@@ -226,7 +229,7 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, offset: int = 0
     bad = np.count_nonzero(~np.isfinite(mono))  # only float formats can hold them; one poisons every update
     if bad:
         raise AudioReadError(path, f"it holds NaN or infinite samples ({bad} of the {len(mono)} read)")
-    wav = mono if up == down or not len(mono) else resample_poly(mono, up, down, window=_lowpass(up, down))
+    wav = resample(mono, reader.samplerate, sample_rate)
     first = offset - begin * up // down
     wav = wav[first:stop - begin * up // down].astype(np.float32, copy=False)
     if num_samples is not None and len(wav) < num_samples:
@@ -239,14 +242,21 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, offset: int = 0
 def find_audio_files(data_dir: Path | str) -> list[Path]:
     """Every audio file under `data_dir` (recursive, extensions case-insensitive), sorted by relative path.
 
-    Hidden files and folders are left out: macOS '._x.wav' resource forks are not audio."""
+    Hidden files and folders are left out (macOS '._x.wav' resource forks are not audio); symlinked folders
+    are followed, each real folder once, so a link to a parent ends there."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         what = "is not a folder" if data_dir.exists() else "does not exist"
         raise UserError(f"The data folder {data_dir} {what}: point --data-dir at a folder of audio files.")
-    found = []
-    for folder, subfolders, names in os.walk(data_dir):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    found, walked = [], {os.path.realpath(data_dir)}
+    for folder, subfolders, names in os.walk(data_dir, followlinks=True):
+        kept = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(folder, name))
+            if not name.startswith(".") and real not in walked:
+                walked.add(real)
+                kept.append(name)
+        subfolders[:] = kept
         found += [Path(folder, n) for n in names
                   if not n.startswith(".") and os.path.splitext(n)[1].lower() in AUDIO_EXTENSIONS]
     return sorted(found, key=lambda p: p.relative_to(data_dir).as_posix())
@@ -355,8 +365,8 @@ def build_manifest(data_dir: Path | str, cache_dir: Path | str | None = None) ->
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = pool.map(lambda job: _scan(*job), jobs)
         try:
-            for position, result in tqdm(zip(stale, results, strict=True), total=len(jobs),
-                                         desc="scanning audio", unit="file", disable=len(jobs) < 100):
+            for position, result in progress_bar(zip(stale, results, strict=True), hidden=len(jobs) < 100,
+                                                 total=len(jobs), desc="scanning audio", unit="file"):
                 if isinstance(result, AudioReadError):
                     logger.warning("Skipping %s: %s", result.path, result.reason)
                 else:
@@ -545,7 +555,7 @@ def prepare_packed_corpus(data_dir: Path | str, entries: Sequence[ManifestEntry]
     (out_dir / PACKED_INDEX).unlink(missing_ok=True)  # no index until the audio beside it is complete
     items, offset = [], 0
     with open(tmp, "wb") as f:
-        for entry in tqdm(entries, desc="packing audio", unit="file"):
+        for entry in progress_bar(entries, desc="packing audio", unit="file"):
             try:
                 wav = load_audio(data_dir / entry.path, SAMPLE_RATE)
             except AudioReadError as error:
@@ -713,19 +723,6 @@ def _init_worker(worker_id: int, seed: int, rank: int) -> None:
     torch.manual_seed(worker_seed)
 
 
-def collate_crops(crops: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Equal-length crops -> wav (B, L); no padding, as in fairseq, because every crop has the same length."""
-    return torch.stack(list(crops))
-
-
-def default_num_workers() -> int:
-    """Loader workers this machine has room for: the CPUs this process may use (its affinity, which
-    containers and taskset narrow), less one for the training process itself, at most 4. Asking for more
-    makes PyTorch warn that the loader might freeze."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, available - 1)
-
-
 def make_loader(dataset: _CropDataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0,
                 pin_memory: bool = False, seed: int = 0) -> DataLoader:
     """Batches wav (B, segment_length). Training drops the last partial batch; validation keeps every file."""
@@ -735,7 +732,8 @@ def make_loader(dataset: _CropDataset, sampler: EpochSampler, batch_size: int, n
                   else "lower --batch-size or add audio")
         raise UserError(f"{sampler.keys_per_epoch} training crops per epoch are fewer than one batch of "
                         f"{batch_size}; {remedy}.")
-    return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_crops,
+    # Crops of one length stack into wav (B, L): no padding, as in fairseq.
+    return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=torch.stack,
                             num_workers=num_workers, pin_memory=pin_memory, drop_last=dataset.train,
                             worker_init_fn=partial(_init_worker, seed=seed, rank=sampler.rank),
                             persistent_workers=num_workers > 0)

@@ -31,8 +31,9 @@ from utils import (
     HelpFormatter,
     UserError,
     add_device_argument,
+    add_progress_argument,
     add_threads_argument,
-    ensure_writable_dir,
+    check_writable_dir,
     ensure_writable_file,
     resolve_device,
     run_cli,
@@ -64,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="most audio through the model at once; longer files are chunked "
                               "(exact for norm=layer models, approximate GroupNorm statistics otherwise)")
     add_threads_argument(compute)
+    add_progress_argument(compute)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.chunk_seconds <= 0:
         raise UserError("--batch-size and --chunk-seconds must be positive.")
@@ -94,7 +96,7 @@ def save_npz(output: Path, names: list[str], arrays: list[np.ndarray], how: str)
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(progress=args.progress)
     set_threads(args.threads)
     files = find_audio_files(args.data_dir)
     if not files:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if to_npz:
         ensure_writable_file(args.output, "--output")
     else:
-        ensure_writable_dir(args.output, "--output")
+        check_writable_dir(args.output, "--output")
 
     device = resolve_device(args.device)
     frames_of, window = featurizer(args.checkpoint, args.layer, args.seed, device,
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             targets[path].parent.mkdir(parents=True, exist_ok=True)
             np.save(targets[path], vector)
     if to_npz:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         save_npz(args.output, names, arrays, args.pool)
     log.info("wrote %s features of %d files to %s in %.1f s", args.layer, len(names), args.output,
              time.perf_counter() - start)

@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 import torch
-from tqdm import tqdm
 
-from data import FRAME_HOP, SAMPLE_RATE, load_audio
+from data import FRAME_HOP, SAMPLE_RATE, load_audio, resample
 from model import Wav2Vec, Wav2VecConfig, load_checkpoint_weights
 from ondevice import onnx_offline, onnx_session
-from utils import UserError
+from utils import UserError, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,20 @@ MFCC_WINDOW = 400
 MFCC_FILTERS = 40
 MFCC_COEFFICIENTS = 13
 PRE_EMPHASIS = 0.97
+
+
+# ----- waveforms ----------------------------------------------------------------------------------
+
+def load_waveform(wav: str | Path | np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """What every model here takes, float32 mono (L,) at 16 kHz: a file decoded and resampled (any format
+    data.py reads; its header gives the rate), or an array or tensor (L,) at `sample_rate`, resampled."""
+    if isinstance(wav, (str, Path)):
+        return load_audio(wav, SAMPLE_RATE)
+    array = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    if array.ndim != 1:
+        raise UserError(f"Expected one mono waveform of shape (L,), not {array.shape}: average the channels "
+                        "first.")
+    return resample(array.astype(np.float32, copy=False), sample_rate).astype(np.float32, copy=False)
 
 
 # ----- wav2vec features ---------------------------------------------------------------------------
@@ -222,7 +235,7 @@ def file_frames(files: Sequence[Path], frames_of: FramesOf, min_samples: int, ba
 
     Unreadable files and files shorter than `min_samples` (one frame) are logged and skipped."""
     used = 0
-    with tqdm(total=len(files), desc=desc, unit="file") as progress:
+    with progress_bar(total=len(files), desc=desc, unit="file") as progress:
         for begin in range(0, len(files), batch_size):
             group, wavs = [], []
             for path in files[begin:begin + batch_size]:

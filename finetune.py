@@ -72,8 +72,6 @@ import torch
 import torch.nn as nn
 from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batching import (
     batch_frames,
@@ -111,18 +109,22 @@ from utils import (
     UserError,
     add_device_argument,
     add_precision_argument,
+    add_progress_argument,
     add_threads_argument,
     autocast_context,
-    ensure_writable_dir,
+    check_writable_dir,
+    ensure_writable_file,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    progress_bar,
     resolve_device,
     resolve_precision,
     run_cli,
     set_threads,
     setup_logging,
+    start_log_file,
 )
 
 log = logging.getLogger(__name__)
@@ -284,7 +286,7 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
 
     best, best_state, best_update, stale, update = None, None, 0, 0, 0
     start = time.perf_counter()
-    progress = tqdm(total=None if math.isinf(total) else total, desc=f"fold {name}", unit="update")
+    progress = progress_bar(total=None if math.isinf(total) else total, desc=f"fold {name}", unit="update")
     model.train()
     while update < total and stale < args.patience:
         for batch in epoch_batches(args, model, rows, lengths, rng):
@@ -523,8 +525,8 @@ def train(args: argparse.Namespace) -> dict:
     """Cross-validated fine-tuning as the flags say; returns the pooled test metrics."""
     data = load_dataset(args)  # before the output folder: a user error is then the first thing said
     out = Path(args.output_dir)
-    ensure_writable_dir(out)
-    setup_logging(out / "train.log")
+    check_writable_dir(out)
+    setup_logging(progress=args.progress)
     set_threads(args.threads)
     device = resolve_device(args.device)
     groups = None if data.groups is None else np.array(data.groups)
@@ -537,10 +539,11 @@ def train(args: argparse.Namespace) -> dict:
     folds = folds[:args.max_folds or None]
     if args.task == "ctc":
         folds = known_symbol_folds(data, folds, args.skip_unknown)
+    backbone = backbone_weights(args.checkpoint, args.seed)
+    start_log_file(out / "train.log")  # the inputs are checked: now the output folder is made
     kind = {"classify": f"{len(data.classes)} classes", "regress": "regression"}.get(args.task, "transcripts")
     log.info("%d files, %s, %s; %s", len(data.names), kind, description,
              f"{len(folds)} folds" + (f", running {args.max_folds}" if args.max_folds else ""))
-    backbone = backbone_weights(args.checkpoint, args.seed)
     stage = cached_stage(args)
     start = time.perf_counter()
     with torch.no_grad():
@@ -556,7 +559,7 @@ def train(args: argparse.Namespace) -> dict:
         shutil.rmtree(fold_dir, ignore_errors=True)  # a new run: the folds of an earlier one do not count
     fold_dir.mkdir(exist_ok=True)
     tested = []
-    with SummaryWriter(out / "tensorboard") as writer, logging_redirect_tqdm():
+    with SummaryWriter(out / "tensorboard") as writer:
         for k, (name, train_rows, test_rows) in enumerate(folds):
             path = fold_dir / f"fold_{k:03d}.pt"
             result = finished_fold(path, args, name, device) if args.resume else None
@@ -574,20 +577,32 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def predict(args: argparse.Namespace) -> None:
-    """Label (and probabilities), value or transcript for every audio file under --data-dir, to a CSV."""
+    """Label (and probabilities), value or transcript for every audio file under --data-dir, to a CSV; a file
+    that cannot be read or is shorter than one frame is named, counted and left out."""
+    setup_logging(progress=args.progress)
     set_threads(args.threads)
-    device = resolve_device(args.device)
-    model = FineTuned.from_pretrained(args.model, device)
+    ensure_writable_file(args.output, "--output")
+    model = FineTuned.from_pretrained(args.model, resolve_device(args.device))
     files = find_audio_files(args.data_dir)
     if not files:
         raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
-    names = [f.relative_to(args.data_dir).as_posix() for f in files]
     describe = ((lambda path: {"transcript": model.transcribe(path)}) if isinstance(model, Recognizer)
                 else model.predict)
-    predictions = [describe(path) for path in tqdm(files, desc="predicting", unit="file")]
+    names, predictions = [], []
+    for path in progress_bar(files, desc="predicting", unit="file"):
+        try:
+            predictions.append(describe(path))
+        except UserError as error:
+            log.warning("Skipping: %s", error)
+            continue
+        names.append(path.relative_to(args.data_dir).as_posix())
+    if not names:
+        raise UserError(f"None of the {len(files)} audio files under {args.data_dir} could be predicted; see "
+                        "the warnings above.")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.output, *prediction_rows(model.config, names, predictions))
-    print(f"wrote {len(names)} predictions to {args.output}")
+    log.info("wrote %d predictions to %s; %d of %d files unreadable or too short, skipped", len(names),
+             args.output, len(files) - len(names), len(files))
 
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
@@ -672,6 +687,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
                                  "--output-dir/folds/, and run the rest (without it, a run starts over)")
     add_device_argument(evaluation)
     add_threads_argument(evaluation)
+    add_progress_argument(evaluation)
     args = parser.parse_args(argv)
     if args.min_lr_ratio is not None:
         print("warning: --min-lr-ratio R is now --min-lr (R x --lr); the old name goes in the next release.",
@@ -705,6 +721,7 @@ def parse_predict_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="the CSV to write")
     add_device_argument(parser)
     add_threads_argument(parser)
+    add_progress_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import FRAME_HOP, SAMPLE_RATE, load_audio
-from features import MFCC_WINDOW, mfcc
+from data import FRAME_HOP, SAMPLE_RATE
+from features import MFCC_WINDOW, load_waveform, mfcc
 from labels import detokenize
 from model import Wav2Vec, Wav2VecConfig, read_checkpoint
 from utils import UserError
@@ -157,11 +157,16 @@ class FineTuned(nn.Module):
         """Waveforms (L_i,) of any lengths -> the head's outputs (see head)."""
         return self.head(*pad_frames([self.frames(self.latent(w)) for w in wavs]))
 
-    def waveform(self, wav: np.ndarray | torch.Tensor | str | Path) -> torch.Tensor:
-        """A path (read at 16 kHz) or a 16 kHz waveform (L,) -> a float tensor on the model's device."""
-        if isinstance(wav, (str, Path)):
-            wav = load_audio(wav, SAMPLE_RATE)
-        return torch.as_tensor(np.asarray(wav, dtype=np.float32)).to(self.feature_mean.device)
+    def waveform(self, wav: np.ndarray | torch.Tensor | str | Path, sample_rate: int = SAMPLE_RATE
+                 ) -> torch.Tensor:
+        """A path, or a waveform (L,) at `sample_rate` -> 16 kHz float samples on the model's device; input
+        shorter than one frame is a UserError."""
+        samples = load_waveform(wav, sample_rate)
+        if len(samples) < self.shortest_input:
+            source = wav if isinstance(wav, (str, Path)) else "The waveform"
+            raise UserError(f"{source} is shorter than one frame ({len(samples)} of {self.shortest_input} "
+                            "samples at 16 kHz): nothing to predict from.")
+        return torch.from_numpy(samples).to(self.feature_mean.device)
 
     def payload(self, extra: dict) -> dict:
         """What finetuned.pt holds: configs as plain dicts and tensors only, so weights_only loads it."""
@@ -188,7 +193,7 @@ class FineTuned(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> FineTuned:
         """A fine-tuned model in eval mode from a finetuned.pt written by finetune.py."""
-        ckpt = read_checkpoint(path, map_location, remedy="use a finetuned.pt written by finetune.py.")
+        ckpt = read_checkpoint(path, remedy="use a finetuned.pt written by finetune.py.")  # on the CPU
         return cls.from_payload(ckpt, path).to(map_location)
 
 
@@ -222,10 +227,11 @@ class Classifier(FineTuned):
         return F.mse_loss(outputs[:, 0].float(), standardised)
 
     @torch.no_grad()
-    def predict(self, wav: np.ndarray | torch.Tensor | str | Path) -> dict:
-        """One file or 16 kHz waveform -> {"label", "probabilities"} (classify) or {"value"} (regress)."""
+    def predict(self, wav: np.ndarray | torch.Tensor | str | Path, sample_rate: int = SAMPLE_RATE) -> dict:
+        """One file, or a waveform (L,) at `sample_rate` -> {"label", "probabilities"} (classify) or
+        {"value"} (regress); input shorter than one frame is a UserError."""
         self.eval()
-        return self.describe(self([self.waveform(wav)]))[0]
+        return self.describe(self([self.waveform(wav, sample_rate)]))[0]
 
     def describe(self, outputs: torch.Tensor, mask: torch.Tensor | None = None) -> list[dict]:
         """Head outputs (B, classes or 1) -> one prediction dict per row."""
@@ -240,6 +246,7 @@ class Classifier(FineTuned):
     def export_graph(self) -> ClassifierGraph:
         """Backbone and head as one traceable module for ondevice.py's exporters."""
         return ClassifierGraph(self)
+
 
 def pad_frames(frames: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames (..., C, T_i) -> zero-padded (B, ..., C, T_max) and the mask (B, T_max) of real frames."""
@@ -404,16 +411,19 @@ class Recognizer(FineTuned):
         return [{"transcript": detokenize(self.symbols(path), self.config.units)} for path in paths]
 
     @torch.no_grad()
-    def recognize(self, wav: np.ndarray | torch.Tensor | str | Path) -> tuple[torch.Tensor, str]:
-        """One file or 16 kHz waveform (L,) -> (log-probabilities (frames, symbols + 1), its transcript)."""
+    def recognize(self, wav: np.ndarray | torch.Tensor | str | Path, sample_rate: int = SAMPLE_RATE
+                  ) -> tuple[torch.Tensor, str]:
+        """One file, or a waveform (L,) at `sample_rate` -> (log-probabilities (frames, symbols + 1), its
+        transcript)."""
         self.eval()
-        frames, mask = pad_frames([self.frames(self.latent(self.waveform(wav)))])
+        frames, mask = pad_frames([self.frames(self.latent(self.waveform(wav, sample_rate)))])
         log_probs = self.head(frames, mask)
         return log_probs[0], self.describe(log_probs, mask)[0]["transcript"]
 
-    def transcribe(self, wav: np.ndarray | torch.Tensor | str | Path) -> str:
-        """One file or 16 kHz waveform (L,) -> its transcript: tokens joined by spaces, or words."""
-        return self.recognize(wav)[1]
+    def transcribe(self, wav: np.ndarray | torch.Tensor | str | Path, sample_rate: int = SAMPLE_RATE) -> str:
+        """One file, or a waveform (L,) at `sample_rate` -> its transcript: tokens joined by spaces, or
+        words."""
+        return self.recognize(wav, sample_rate)[1]
 
     def streamer(self) -> StreamingTranscriber:
         """A stateful recognizer: `s.push(chunk)` takes audio as it arrives and returns the symbols it
@@ -446,7 +456,7 @@ class StreamingTranscriber:
         layer = frames[self.recognizer.config.layer]
         if layer.shape[-1] == 0:
             return []
-        mask = torch.ones(1, layer.shape[-1], dtype=torch.bool)
+        mask = torch.ones(1, layer.shape[-1], dtype=torch.bool, device=layer.device)
         best = self.recognizer.head(layer, mask)[0].argmax(-1).tolist()
         before = [self.previous] + best[:-1]
         new = [i for i, last in zip(best, before, strict=True) if i != last and i != BLANK]

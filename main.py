@@ -24,19 +24,18 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import (
     DEFAULT_CACHE_DIR,
     SAMPLE_RATE,
     build_manifest,
     crop_dataset,
-    default_num_workers,
     epoch_loader,
     prepare_packed_corpus,
     split_manifest,
 )
 from demo import DEMO_DIR, ensure_demo_corpus
+from fastpath import fast_or_plain
 from model import PRESETS, Wav2Vec, Wav2VecConfig
 from training import (
     CollapseWatch,
@@ -56,6 +55,7 @@ from training import (
     prepare_output_dir,
     resume,
     setup_distributed,
+    start_run_log,
     teardown_distributed,
     vote,
     with_stored_flags,
@@ -65,10 +65,12 @@ from utils import (
     UserError,
     add_device_argument,
     add_precision_argument,
+    add_progress_argument,
     add_renamed,
     add_threads_argument,
     autocast_context,
     configure_backends,
+    default_num_workers,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="keep only the newest N checkpoint_<step>.pt files (0: keep all)")
     checkpoints.add_argument("--log-every", type=positive_int, default=20,
                              help="updates between log lines, TensorBoard points and history entries")
+    add_progress_argument(checkpoints)
     return parser
 
 
@@ -313,10 +316,11 @@ def loader_remedy(args: argparse.Namespace) -> str:
 def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     """Data, model, optimizer, schedule and loss scale, restored from latest.pt with --resume."""
     out = prepare_output_dir(args, ddp.is_main)
-    for warning in flag_warnings(args) if ddp.is_main else []:
-        log.warning(warning)
     configure_backends(ddp.device, args.threads)
     train_loader, valid_loader = build_loaders(args, ddp)
+    start_run_log(out, ddp.is_main)  # the data is usable: now the output folder is made
+    for warning in flag_warnings(args) if ddp.is_main else []:
+        log.warning(warning)
     updates_per_epoch = len(train_loader) // args.accumulate_steps
     total_updates = min(args.max_updates or math.inf, args.epochs * updates_per_epoch)
 
@@ -327,12 +331,14 @@ def setup_run(args: argparse.Namespace, ddp: Distributed) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     precision = resolve_precision(args.precision, ddp.device)
     scaler = make_grad_scaler(ddp.device, precision)
-    progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args, ddp.world_size) \
+    progress = resume(out / "latest.pt", model, optimizer, scheduler, scaler, args, ddp) \
         if args.resume else Progress()
     progress.check_epoch(train_loader.sampler.num_items)
-    trained = model
+    # The time-major CPU step (fastpath.py), or model.py's own path when compiled (measured faster, #27);
+    # then DDP, then compile: DDP's hooks overlap the all_reduce with the compiled backward.
+    trained = model if args.compile else fast_or_plain(model)
     if ddp.enabled:
-        trained = DistributedDataParallel(model, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
+        trained = DistributedDataParallel(trained, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
                                           else None)
     trained = torch.compile(trained) if args.compile else trained
 
@@ -473,7 +479,7 @@ def train(args: argparse.Namespace) -> Path:
     """Pre-train as the flags say; under torchrun every rank calls this. Returns the output folder."""
     ddp = setup_distributed(args.device)
     try:
-        with StopRequest() as stop, logging_redirect_tqdm():
+        with StopRequest() as stop:
             run = setup_run(args, ddp)  # a signal before the first update stops at once: nothing to save
             stop.graceful = True  # from here one finishes the update, saves and stops
             try:

@@ -420,9 +420,14 @@ class Wav2Vec(nn.Module):
         return self.objective(z, c, negatives, cross_negatives)
 
     @torch.no_grad()
-    def extract_features(self, wav: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """wav (B, L) or (L,), a tensor or a numpy array -> {"z": (B, C, T), "c": (B, C, T)}; no gradients,
-        no loss work."""
+    def extract_features(self, wav: torch.Tensor | np.ndarray, sample_rate: int = 16000
+                         ) -> dict[str, torch.Tensor]:
+        """wav (B, L) or (L,) at 16 kHz, a tensor or a numpy array -> {"z": (B, C, T), "c": (B, C, T)}; no
+        gradients, no loss work. A file or another rate goes through features.load_waveform first."""
+        if isinstance(wav, (str, Path)) or sample_rate != 16000:
+            given = f"the path {wav}" if isinstance(wav, (str, Path)) else f"audio at {sample_rate} Hz"
+            raise UserError(f"extract_features takes a 16 kHz waveform, not {given}: load it with "
+                            "features.load_waveform(path_or_array, sample_rate), which resamples.")
         wav = torch.as_tensor(wav)
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)
@@ -450,9 +455,12 @@ class Wav2Vec(nn.Module):
         # Row u holds the predictions made for target frame u: step k comes from context frame u - offset - k.
         source = torch.arange(T, device=z.device).view(T, 1) - offset - torch.arange(steps, device=z.device)
         valid = source >= 0  # (T, K)
-        predictions = predictions[:, source.clamp(min=0), torch.arange(steps, device=z.device)]
+        # index_select, not advanced indexing: its backward is a scatter-add, not a sort (issue #27)
+        rows = (source.clamp(min=0) * predictions.shape[2] + torch.arange(steps, device=z.device)).flatten()
+        predictions = predictions.flatten(1, 2).index_select(1, rows).unflatten(1, (T, steps))
         with torch.autocast(z.device.type, enabled=False):
-            targets = _at_least_fp32(z).transpose(1, 2).reshape(B * T, -1)[candidates]  # (B, T, J, C)
+            frames = _at_least_fp32(z).transpose(1, 2).reshape(B * T, -1)
+            targets = frames.index_select(0, candidates.flatten()).view(*candidates.shape, -1)  # (B, T, J, C)
             scores = _at_least_fp32(predictions) @ targets.transpose(-1, -2)  # (B, T, K, J)
             return self._loss_and_metrics(scores, valid)
 
@@ -497,7 +505,8 @@ class Wav2Vec(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Wav2Vec:
         """A model in eval mode from a checkpoint of this repository or of fairseq's wav2vec 1.0."""
-        config, state_dict = load_checkpoint_weights(path, map_location)
+        # Read on the CPU, then the model moves: a training checkpoint's optimizer state stays off the GPU.
+        config, state_dict = load_checkpoint_weights(path)
         model = cls(config)
         model.load_state_dict(state_dict)
         return model.to(map_location).eval()
@@ -545,7 +554,7 @@ class Streamer:
         z, self.encoder_buffers = self.model.encoder.stream(chunk.to(like)[None], self.encoder_buffers)
         if z.shape[-1] == 0:
             return {"z": z, "c": z.new_zeros(1, self.model.config.context_layers[-1][0], 0)}
-        position = torch.tensor(self.frames)
+        position = torch.tensor(self.frames, device=z.device)  # on z's device: index_select needs it there
         c, self.context_buffers = self.model.context.stream(z, self.context_buffers, position)
         self.frames += z.shape[-1]
         return {"z": z, "c": c}
@@ -582,7 +591,7 @@ class StreamingStep(nn.Module):
         like = next(self.model.parameters())
         encoder = [like.new_zeros(1, layer.conv.in_channels, n)
                    for layer, n in zip(self.model.encoder.layers, self.buffer_lengths, strict=True)]
-        return [*encoder, *_context_buffers(self.model, like), torch.zeros((), dtype=torch.int64)]
+        return [*encoder, *_context_buffers(self.model, like), like.new_zeros((), dtype=torch.int64)]
 
     def forward(self, chunk: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n_encoder = len(self.buffer_lengths)
@@ -606,17 +615,17 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def read_checkpoint(path: str | Path, map_location="cpu",
+def read_checkpoint(path: str | Path,
                     remedy: str = "use one written by main.py or fairseq's wav2vec 1.0.") -> dict:
-    """The dict in a checkpoint file (ours or fairseq's), loaded without executing pickled code. `remedy`
-    ends the error for a file that is there but cannot be used: what the caller's user should do."""
+    """The dict in a checkpoint file (ours or fairseq's), loaded onto the CPU without executing pickled code.
+    `remedy` ends the error for a file that is there but cannot be used: what the caller's user should do."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}: check the path, or train one with `python main.py`.")
     try:
         # argparse.Namespace is how 2019 fairseq checkpoints store their arguments.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refuses foreign classes; report, never execute them
         raise UserError(f"{path} is corrupt or not a wav2vec checkpoint this repository can load safely "
                         f"({load_failure_reason(err)}): {remedy}") from None
@@ -636,9 +645,9 @@ def load_failure_reason(err: Exception) -> str:
     return "not a PyTorch file, or a truncated one"
 
 
-def load_checkpoint_weights(path: str | Path, map_location="cpu") -> tuple[Wav2VecConfig, dict]:
-    """(config, state dict) from a checkpoint file of this repository or of fairseq's wav2vec 1.0."""
-    return checkpoint_weights(read_checkpoint(path, map_location), path)
+def load_checkpoint_weights(path: str | Path) -> tuple[Wav2VecConfig, dict]:
+    """(config, state dict), on the CPU, from a checkpoint of this repository or of fairseq's wav2vec 1.0."""
+    return checkpoint_weights(read_checkpoint(path), path)
 
 
 def checkpoint_weights(ckpt: dict, path: str | Path) -> tuple[Wav2VecConfig, dict]:

@@ -15,10 +15,12 @@ scalar), feed each call's state_out back as the next state_in, and drop the firs
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -283,13 +285,38 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
         def get_next(self) -> dict | None:
             return next(self.rest, None)
 
-    quantization.quantize_static(
-        str(fp32_path), str(int8_path), Feeds(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-        weight_type=quantization.QuantType.QInt8, activation_type=quantization.QuantType.QUInt8,
-        op_types_to_quantize=["Conv"], nodes_to_exclude=[first_convolution(fp32_path)],
-        extra_options={"QuantizeBias": False})  # int32 biases came with int32 zero points and float scales
+    with without_quantizer_advice():
+        quantization.quantize_static(
+            str(fp32_path), str(int8_path), Feeds(), quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True, weight_type=quantization.QuantType.QInt8,
+            activation_type=quantization.QuantType.QUInt8, op_types_to_quantize=["Conv"],
+            nodes_to_exclude=[first_convolution(fp32_path)],
+            extra_options={"QuantizeBias": False})  # int32 biases came with int32 zero points, float scales
     shrink_int8(int8_path)
     write_onnx_metadata(int8_path, form)
+
+
+class QuantizerAdvice(logging.Filter):
+    """Drops the advice ONNX Runtime's quantizer logs on the root logger that does not apply here: run its
+    pre-processing (said twice per call; its shape inference the quantizer runs anyway, its graph fusions
+    serve the fused operators of larger networks, and export.py measures the int8 graph as it is), and, per
+    convolution, that a bias is not an initializer (biases stay float on purpose: QuantizeBias False)."""
+
+    ADVICE = ("Please consider to run pre-processing", "Please consider pre-processing", "Expected bias")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.ADVICE)
+
+
+@contextlib.contextmanager
+def without_quantizer_advice() -> Iterator[None]:
+    """QuantizerAdvice on the root logger for the block."""
+    advice = QuantizerAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 def shrink_int8(path: Path) -> None:

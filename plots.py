@@ -37,6 +37,9 @@ TSNE_PCA_DIMS = 50  # t-SNE runs on this many principal components: much faster,
 # On 3000 FSDD frames (32-channel random model), 750 iterations end within 2% of the KL divergence of
 # sklearn's default 1000 in 3/4 of the time; 500 leave it 9% higher.
 TSNE_ITERATIONS = 750
+# sklearn's default perplexity, which needs more than 3 x 30 points; fewer get a lower one, and a map that
+# tells little (40 files came out as a line).
+TSNE_PERPLEXITY = 30.0
 # Exact t-SNE below this many points: its O(n^2) gradient is cheaper there than Barnes-Hut's tree and
 # threads (10 points: 0.1 s instead of 2 s on two busy cores).
 TSNE_EXACT_BELOW = 200
@@ -57,13 +60,15 @@ def frame_extent(num_frames: int, window: int, hop: int = FRAME_HOP) -> tuple[fl
     left = (window - hop) / 2 / SAMPLE_RATE
     return left, left + num_frames * hop / SAMPLE_RATE
 
-def smooth(values: list[float]) -> np.ndarray:
-    """Debiased exponential moving average (as TensorBoard's) over about a twentieth of the points."""
-    weight = 1 - 1 / max(1.0, len(values) / 20)
-    out, average = [], 0.0
-    for i, value in enumerate(values):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight ** (i + 1)))  # undo the pull towards the initial 0
+def smooth(values: Sequence[float], updates: Sequence[int]) -> np.ndarray:
+    """Debiased exponential moving average (as TensorBoard's) over about a twentieth of the updates, each
+    value weighing as many updates as it covers: a record of one update moves it little."""
+    keep = 1 - 1 / max(1.0, sum(updates) / 20)  # per update
+    out, average, total = [], 0.0, 0
+    for value, count in zip(values, updates, strict=True):
+        average = keep**count * average + (1 - keep**count) * value
+        total += count
+        out.append(average / (1 - keep**total))  # undo the pull towards the initial 0
     return np.array(out)
 
 def plot_loss_curves(history: dict, config: Wav2VecConfig, path: Path) -> None:
@@ -75,11 +80,12 @@ def plot_loss_curves(history: dict, config: Wav2VecConfig, path: Path) -> None:
     fig = Figure(figsize=(5.2 * panels, 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, panels))
     steps = [entry["step"] for entry in train]
+    updates = np.maximum(1, np.diff(steps, prepend=0)).tolist()  # updates each record covers
 
     def curves(ax, key: str, scale: float) -> None:  # raw and smoothed training values, validation dots
         values = [entry[key] * scale for entry in train]
         ax.plot(steps, values, color="C0", lw=0.8, alpha=0.35, label="train (raw)")
-        ax.plot(steps, smooth(values), color="C0", lw=2, label="train (smoothed)")
+        ax.plot(steps, smooth(values, updates), color="C0", lw=2, label="train (smoothed)")
         if valid and all(key in entry for entry in valid):
             ax.plot([entry["step"] for entry in valid], [entry[key] * scale for entry in valid], "o-",
                     color="C1", ms=4, label="validation (per epoch)")
@@ -192,11 +198,23 @@ def project(points: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, tup
         return pca.transform(points), (f"PC 1 ({100 * ratios[0]:.0f}% of variance)",
                                        f"PC 2 ({100 * ratios[1]:.0f}% of variance)")
     reduced = PCA(min(TSNE_PCA_DIMS, *points.shape), random_state=seed).fit_transform(points)
-    perplexity = min(30.0, max(1.0, (len(points) - 1) / 3))  # must stay below the number of points
+    perplexity = tsne_perplexity(len(points))
     gradient = "exact" if len(points) < TSNE_EXACT_BELOW else "barnes_hut"
     tsne = TSNE(2, perplexity=perplexity, init="pca", method=gradient, max_iter=TSNE_ITERATIONS,
                 random_state=seed)
     return tsne.fit_transform(reduced), ("t-SNE 1 (a.u.)", "t-SNE 2 (a.u.)")
+
+def tsne_perplexity(points: int) -> float:
+    """sklearn's default, or less where there are too few points for it (it must stay below their number)."""
+    return min(TSNE_PERPLEXITY, max(1.0, (points - 1) / 3))
+
+def tsne_caution(points: int) -> str | None:
+    """Why a t-SNE map of `points` points is not to be read, or None when there are enough of them."""
+    if tsne_perplexity(points) >= TSNE_PERPLEXITY:
+        return None
+    return (f"t-SNE of {points} points ran at perplexity {tsne_perplexity(points):.0f} (its usual "
+            f"{TSNE_PERPLEXITY:.0f} needs more than {3 * TSNE_PERPLEXITY:.0f} points): too few for a map to "
+            "trust; read pca.png")
 
 def group_ticks(ax, ordered: list[str], axis_label: str) -> None:
     """Ticks for a matrix whose rows are grouped: one per run of equal names, with lines between runs."""

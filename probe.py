@@ -71,6 +71,7 @@ from utils import (
     HelpFormatter,
     UserError,
     add_device_argument,
+    add_progress_argument,
     add_renamed,
     add_threads_argument,
     ensure_writable_dir,
@@ -131,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--json", type=Path, help="also write every number (per fold, settings) here")
     add_device_argument(evaluation)
     add_threads_argument(evaluation)
+    add_progress_argument(evaluation)
     args = parser.parse_args(argv)
     if args.checkpoint is None:
         parser.error("the following arguments are required: --checkpoint")
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     config = backbone_config(args.checkpoint)
     selection = select_files(args)  # before logging starts: a user error is then the first line on stderr
-    setup_logging()
+    setup_logging(progress=args.progress)
     if args.checkpoint == "random":
         log.info("--checkpoint random is the base configuration (%d channels); to compare with a checkpoint, "
                  "give --checkpoint random:CKPT, a random network of the checkpoint's configuration",
@@ -374,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                   settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     print_table(splits, result)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", args.json)
 

@@ -52,9 +52,10 @@ from utils import (
     HelpFormatter,
     UserError,
     add_device_argument,
+    add_progress_argument,
     add_renamed,
     add_threads_argument,
-    ensure_writable_dir,
+    check_writable_dir,
     ensure_writable_file,
     resolve_device,
     run_cli,
@@ -100,17 +101,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random networks, folds, frames")
     add_device_argument(parser)
     add_threads_argument(parser)
+    add_progress_argument(parser)
     args = parser.parse_args(argv)
     if args.checkpoint is None:
         parser.error("the following arguments are required: --checkpoint")
     if args.folds < 2 or args.max_frames < 1:
         raise UserError("--folds must be at least 2 and --max-frames positive.")
+    return args
+
+
+def check_folders(args: argparse.Namespace) -> None:
+    """The input folders exist (parse_args reads no file)."""
     if not args.data_dir.is_dir():
         raise UserError(f"No folder {args.data_dir}: give --data-dir the folder of the FSDD recordings.")
     if args.frames_dir is not None and not args.frames_dir.is_dir():
         raise UserError(f"No folder {args.frames_dir}: give --frames-dir a corpus with frame labels "
                         "(`python main.py --demo` writes one to data/demo), or leave it out.")
-    return args
 
 
 # ----- what is probed -----------------------------------------------------------------------------
@@ -337,14 +343,17 @@ def learning_curve(checkpoints: Sequence[Source]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_folders(args)
     if args.json:
         ensure_writable_file(args.json, "--json")  # before the work: a result must not be lost at the end
-    ensure_writable_dir(args.output_dir)
-    ensure_writable_dir(args.cache_dir, "--cache-dir")
+    check_writable_dir(args.output_dir)
+    check_writable_dir(args.cache_dir, "--cache-dir")
     set_threads(args.threads)
     checkpoints = checkpoint_sources(checkpoint_paths(args.checkpoint))
     randoms = random_sources(checkpoints)
-    setup_logging()
+    for folder in (args.output_dir, args.cache_dir):  # the inputs are checked: now the outputs are made
+        folder.mkdir(parents=True, exist_ok=True)
+    setup_logging(progress=args.progress)
     start = time.perf_counter()
     if args.frames_dir is None:
         args.frames_dir = args.cache_dir / "demo"
@@ -373,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.dumps({"suite": args.suite, "tasks": {k: v[0] for k, v in TASKS.items()}, "rows": table,
                           "learning_curve": curve, "total_seconds": total, "settings": settings}, indent=2)
     for path in [args.output_dir / "results.json"] + ([args.json] if args.json else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(results + "\n")
     log.info("wrote %s; %.1f s in all", args.output_dir, total)
 

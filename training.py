@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -32,11 +33,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from data import STOP_SIGNALS
 from model import Wav2Vec, read_checkpoint
-from utils import UserError, ensure_writable_dir, resolve_device, setup_logging
+from utils import (
+    UserError,
+    check_writable_dir,
+    progress_bar,
+    resolve_device,
+    setup_logging,
+    start_log_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +77,17 @@ class Distributed:
 def setup_distributed(device_name: str = "auto") -> Distributed:
     """Join the torchrun process group when RANK is set (nccl on CUDA, gloo on CPU); else a single process."""
     device = resolve_device(device_name)
-    if "RANK" not in os.environ:
-        return Distributed(device=device)
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    torchrun = "RANK" in os.environ
+    if torchrun:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        if torchrun or device.index is None:
+            device = torch.device("cuda", local_rank if torchrun else torch.cuda.current_device())
+        # The loader's pin-memory thread, cuDNN and NCCL work on the current device: without this,
+        # --device cuda:1 opened a context on GPU 0 as well.
         torch.cuda.set_device(device)
+    if not torchrun:
+        return Distributed(device=device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
     cpu_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
@@ -101,24 +113,25 @@ def main_process_first(ddp: Distributed) -> Iterator[None]:
     for _ in range(2 - turn):
         dist.barrier(group=ddp.cpu_group)
 
-def any_rank(flags: tuple[bool, ...], ddp: Distributed) -> tuple[bool, ...]:
-    """Each flag true on every rank when it is true on any: one CPU all_reduce, so no host-device sync."""
+def max_over_ranks(values: tuple[float, ...], ddp: Distributed) -> tuple[float, ...]:
+    """Each value's maximum over ranks (a flag: true on every rank when true on any), in one all_reduce on
+    the CPU group, so no host-device sync."""
     if not ddp.enabled:
-        return flags
-    vote = torch.tensor([float(flag) for flag in flags])
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=ddp.cpu_group)
-    return tuple(bool(v) for v in vote.tolist())
-
-
+        return values
+    maxima = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=ddp.cpu_group)
+    return tuple(maxima.tolist())
 
 def vote(stop: StopRequest, clock: TrainingClock, ddp: Distributed) -> tuple[bool, bool, bool]:
-    """(stop requested, out of time, a --save-every-minutes boundary passed), each true on every rank when
-    true on any: every rank saves, validates and leaves after the same update, whatever its own clock says
-    or whichever rank a signal reached (a node's preemption)."""
-    signalled, out_of_time, save_due = any_rank((stop.requested, clock.out_of_time, clock.save_due()), ddp)
+    """(stop requested, out of time, a --save-every-minutes boundary passed), each decided once for all
+    ranks: every rank saves, validates and leaves after the same update, whatever its own clock says or
+    whichever rank a signal reached (a node's preemption). A boundary is saved at once, when the first
+    rank's clock passes it, whichever rank that is."""
+    signalled, out_of_time, boundaries = max_over_ranks(
+        (stop.requested, clock.out_of_time, clock.boundaries_passed()), ddp)
     if signalled and not stop.requested:
         stop.signal_name = "a signal to another rank"
-    return signalled, out_of_time, save_due
+    return bool(signalled), bool(out_of_time), clock.save_due(int(boundaries))
 
 # ----- optimisation -------------------------------------------------------------------------------
 
@@ -137,10 +150,16 @@ def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScal
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    clip_norm: float, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscale, clip, step: (gradient norm, non-finite flag). An update whose loss or gradients are not
-    finite is skipped on the device (fused AdamW's found_inf), so nothing waits for the host."""
+    finite is skipped on the device (fused AdamW's found_inf), so nothing waits for the host. Under torchrun
+    the flag is all-reduced: a loss that is not finite on one rank skips the update on every rank, whose
+    weights would otherwise part (the gradients are the same everywhere, the losses are each rank's own)."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
     nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        nonfinite = nonfinite.float()
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)  # on the device: no host sync
+        nonfinite = nonfinite.bool()
     optimizer.found_inf = nonfinite.float()
     optimizer.step()
     del optimizer.found_inf
@@ -295,8 +314,8 @@ def save_run(out: Path, names: tuple[str, ...], model: Wav2Vec, optimizer, sched
 
 
 def prepare_output_dir(args: argparse.Namespace, is_main: bool) -> Path:
-    """The output folder, checked writable, with train.log (rank 0's); refuses to overwrite a run without
-    --resume."""
+    """The output folder, checked before any work but not yet created (start_run_log does that once the data
+    has been checked); refuses to overwrite a run without --resume, while a demo re-run starts over."""
     out = Path(args.output_dir)
     if is_main and not args.resume and (out / "latest.pt").exists():
         if not args.demo:
@@ -304,11 +323,17 @@ def prepare_output_dir(args: argparse.Namespace, is_main: bool) -> Path:
                             "new one with another --output-dir.")
         clear_run(out)  # the demo is the first thing a user repeats: a re-run starts it over
     if is_main:
-        ensure_writable_dir(out)
+        check_writable_dir(out)
         if args.packed_dir and not (Path(args.packed_dir) / "index.json").is_file():  # it will be packed
-            ensure_writable_dir(Path(args.packed_dir), "--packed-dir", "the packed-corpus folder")
-    setup_logging(out / "train.log" if is_main else None, logging.INFO if is_main else logging.WARNING)
+            check_writable_dir(Path(args.packed_dir), "--packed-dir", "the packed-corpus folder")
+    setup_logging(logging.INFO if is_main else logging.WARNING, args.progress)
     return out
+
+
+def start_run_log(out: Path, is_main: bool) -> None:
+    """Create the output folder with train.log (rank 0's), which starts with the lines logged so far."""
+    if is_main:
+        start_log_file(out / "train.log")
 
 
 def clear_run(out: Path) -> None:
@@ -319,10 +344,12 @@ def clear_run(out: Path) -> None:
 
 
 def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argparse.Namespace,
-           world_size: int) -> Progress:
+           ddp: Distributed) -> Progress:
     """Restore model, optimizer, schedule, loss scale, RNG and progress from `path`; the peak learning rate
-    and the schedule's shape follow the current flags."""
+    and the schedule's shape follow the current flags. Every rank reads `path`: see check_same_checkpoint."""
     ckpt = load_training_checkpoint(path)
+    check_same_checkpoint(ckpt, path, ddp)
+    world_size = ddp.world_size
     differences = config_differences(ckpt["config"], model.config.to_dict())
     if differences:
         hint = (" (runs started before skip connections became the default need --no-skip-connections)"
@@ -332,9 +359,10 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
                         "--output-dir.")
     saved_args = ckpt["args"]
     changed = [f"{flag_text(k, saved_args[k])} -> {v}" for k, v in sorted(vars(args).items())
-               if k in saved_args and saved_args[k] != v and k != "resume"]
+               if k in saved_args and saved_args[k] != v and k not in ("resume", *MACHINE_FLAGS)]
     if changed:
         log.info("Flags changed since the checkpoint: %s", ", ".join(changed))
+    log.info("This machine's settings, not the checkpoint's: %s", machine_settings(args, saved_args))
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -354,6 +382,20 @@ def resume(path: Path, model: Wav2Vec, optimizer, scheduler, scaler, args: argpa
              else f"; written by {saved_world_size} processes, continued by {world_size}")
     return Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], crops, ckpt.get("epoch_crops", 0),
                     ckpt["best_valid_loss"], ckpt.get("train_seconds", 0.0), ckpt["history"])
+
+
+def check_same_checkpoint(ckpt: dict, path: Path, ddp: Distributed) -> None:
+    """Refuse to resume unless every rank read the same checkpoint (the same step and training time). Only
+    rank 0 writes latest.pt, so on several nodes --output-dir must be one folder on a disk they all share;
+    a node with a folder of its own finds an older checkpoint there, or none (load_training_checkpoint)."""
+    step, seconds = ckpt["step"], ckpt.get("train_seconds", 0.0)
+    most_step, most_seconds, minus_least_step, minus_least_seconds = max_over_ranks(
+        (step, seconds, -step, -seconds), ddp)
+    if (most_step, most_seconds) != (-minus_least_step, -minus_least_seconds):
+        raise UserError(f"The ranks read different checkpoints at {path} (from step "
+                        f"{-minus_least_step:.0f} to {most_step:.0f}): only rank 0 writes it, so put "
+                        "--output-dir on a disk that every node shares, with rank 0's latest.pt in it, and "
+                        "resume again.")
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:
@@ -378,8 +420,11 @@ TRAINING_KEYS = ("config", "model", "optimizer", "scheduler", "scaler", "step", 
 def load_training_checkpoint(path: Path) -> dict:
     """A training checkpoint written by save_checkpoint, loaded without executing pickled code."""
     if not path.is_file():
-        raise UserError(f"--resume found no checkpoint at {path}: start without --resume, or point "
-                        "--output-dir at the folder of the run to continue.")
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's: the group may not exist yet
+        where = f" on {socket.gethostname()} (rank {os.environ.get('RANK')})" if several else ""
+        shared = ", on a disk that every node shares (every rank reads latest.pt)" if several else ""
+        raise UserError(f"--resume found no checkpoint at {path}{where}: start without --resume, or point "
+                        f"--output-dir at the folder of the run to continue{shared}.")
     ckpt = read_checkpoint(path, remedy="restore it from a numbered checkpoint_<step>.pt in the same folder, "
                                         "or start without --resume.")
     missing = [key for key in TRAINING_KEYS if key not in ckpt]
@@ -422,6 +467,11 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((version, tuple(python_state), gauss_next))
 
 
+# What describes the machine, not the run: on --resume these come from this command line (or its defaults,
+# computed here: --num-workers from this machine's CPUs, --precision auto from its hardware), never from the
+# checkpoint, so that a run started on a laptop continues on a GPU node with the node's settings.
+MACHINE_FLAGS = ("device", "num_workers", "threads", "compile", "precision", "cache_dir", "progress")
+
 # What a resumed run cannot change: the model's shape and objective (the weights are for them), and the
 # seed (the data order, crops and distractors of the rest of the run follow it).
 FIXED_FLAGS = ("model", "channels", "norm", "skip_connections", "num_steps", "num_negatives",
@@ -430,7 +480,8 @@ FIXED_FLAGS = ("model", "channels", "norm", "skip_connections", "num_steps", "nu
 def with_stored_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
                       args: argparse.Namespace) -> argparse.Namespace:
     """--resume: the flags the run was trained with (stored in its latest.pt), overridden by those given on
-    this command line. A given flag that would change the model or the data order mid-run is refused."""
+    this command line, and this machine's own settings (MACHINE_FLAGS). A given flag that would change the
+    model or the data order mid-run is refused."""
     stored = load_training_checkpoint(Path(args.output_dir) / "latest.pt")["args"]
     for action in parser._actions:  # parsed again without defaults: only the flags given explicitly remain
         action.default = argparse.SUPPRESS
@@ -442,8 +493,18 @@ def with_stored_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
                         f"trained with {' '.join(flag_text(key, stored[key]) for key in fixed)}, so resume "
                         "without it, or start a new run in another --output-dir.")
     # The checkpoint is read where this command line says, wherever the run was when it was stored.
-    kept = {key: value for key, value in stored.items() if key in vars(args) and key != "output_dir"}
+    kept = {key: value for key, value in stored.items()
+            if key in vars(args) and key not in ("output_dir", *MACHINE_FLAGS)}
     return argparse.Namespace(**{**vars(args), **kept, **given})
+
+def machine_settings(args: argparse.Namespace, saved_args: dict) -> str:
+    """'--device auto (was cpu), --num-workers 4 (was 1), ...': the MACHINE_FLAGS a resumed run uses."""
+    texts = []
+    for key in MACHINE_FLAGS:
+        value = getattr(args, key)
+        changed = key in saved_args and saved_args[key] != value
+        texts.append(flag_text(key, value) + (f" (was {saved_args[key]})" if changed else ""))
+    return ", ".join(texts)
 
 def flag_text(key: str, value: object) -> str:
     """A flag and its value as on the command line: --channels 64."""
@@ -487,14 +548,14 @@ class TrainingLog:
 
     def __init__(self, output_dir: Path, progress: Progress, total_updates: int, audio_per_update: float,
                  collapse: CollapseWatch, ddp: Distributed, loader_remedy: str = ""):
-        self.history, self.is_main, self.device = progress.history, ddp.is_main, ddp.device
+        self.history, self.ddp, self.is_main, self.device = progress.history, ddp, ddp.is_main, ddp.device
         self.collapse = collapse
         self.loader_remedy, self.loader_warned, self.intervals = loader_remedy, False, 0
         self.audio_per_update = audio_per_update  # seconds of audio in one update, over all ranks
         self.writer = SummaryWriter(output_dir / "tensorboard", purge_step=progress.step + 1) \
             if ddp.is_main else None
-        self.bar = tqdm(total=total_updates, initial=progress.step, unit="update", dynamic_ncols=True,
-                        disable=not ddp.is_main)
+        self.bar = progress_bar(total=total_updates, initial=progress.step, unit="update", dynamic_ncols=True,
+                                hidden=not ddp.is_main)
         self.micro_batches, self.updates = MetricSums(), MetricSums()
         self.streak = torch.zeros((), device=ddp.device)  # non-finite updates in a row, on the device
         self.nonfinite_streak, self.skipped, self.lr = 0, 0, 0.0
@@ -507,6 +568,11 @@ class TrainingLog:
     def add_data_wait(self, seconds: float) -> None:
         """Time the loop spent blocked on the loader for the next batch (this rank's)."""
         self.data_wait += seconds
+
+    def slowest_wait_share(self, seconds: float) -> float:
+        """The largest share of the last `seconds` that any rank waited for its loader: another rank's
+        starving loader shows on this one as time in the gradient all_reduce, not as data wait."""
+        return max_over_ranks((min(1.0, self.data_wait / seconds),), self.ddp)[0]
 
     def loader_warning(self, wait_share: float, updates: int) -> str | None:
         """The warning, once, when the loop waited for data more than LOADER_BOUND_SHARE of an interval.
@@ -545,7 +611,7 @@ class TrainingLog:
         self.skipped += round((1 - updates["finite"]) * updates_done)
         seconds = max(1e-9, time.perf_counter() - self.clock)
         rate = (step - self.clock_step) * self.audio_per_update / seconds
-        wait_share = min(1.0, self.data_wait / seconds)
+        wait_share = self.slowest_wait_share(seconds)
         self.restart_clock(step)
         entry = {"step": step, "epoch": epoch, "loss": means["loss"], "loss_bits": means["loss_bits"],
                  "accuracy": means["accuracy"], "accuracy_per_step": means["accuracy_per_step"], "lr": lr}
@@ -597,7 +663,7 @@ class TrainingClock:
         self.progress, self.start, self.before = progress, time.perf_counter(), progress.train_seconds
         self.limit = 60 * max_minutes if max_minutes else math.inf
         self.every = 60 * save_every_minutes if save_every_minutes else math.inf
-        self.next_save = self.every * (self.before // self.every + 1) if self.every < math.inf else math.inf
+        self.saved_boundaries = self.boundaries_passed()  # a resumed run saved at those already
 
     def tick(self) -> None:
         """Bring progress.train_seconds up to now."""
@@ -608,11 +674,16 @@ class TrainingClock:
         """Whether --max-minutes of training time have passed (as of the last tick)."""
         return self.progress.train_seconds >= self.limit
 
-    def save_due(self) -> bool:
-        """True when a --save-every-minutes boundary has passed since the last call (once for several)."""
-        if self.progress.train_seconds < self.next_save:
+    def boundaries_passed(self) -> int:
+        """How many --save-every-minutes boundaries the training time has passed (as of the last tick)."""
+        return int(self.progress.train_seconds // self.every) if self.every < math.inf else 0
+
+    def save_due(self, boundaries: int) -> bool:
+        """Whether `boundaries` (voted: the most any rank's clock has passed) include one not saved at yet;
+        remembered, so that each boundary is saved once, on every rank at the same update."""
+        if boundaries <= self.saved_boundaries:
             return False
-        self.next_save = self.every * (self.progress.train_seconds // self.every + 1)
+        self.saved_boundaries = boundaries
         return True
 
 

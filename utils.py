@@ -8,17 +8,23 @@ raises it too (a foreign checkpoint, a bad config); every other module takes it 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import ctypes
 import logging
 import math
+import os
+import platform
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import threadpoolctl
 import torch
+from tqdm import tqdm
 
 from model import UserError
 
@@ -32,21 +38,84 @@ def run_cli(main: Callable[[], None]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        tqdm.write(f"error: {err}", file=sys.stderr)  # on a line of its own, below any progress bar
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        tqdm.write("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
-def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stderr and, when given, to a plain-text file as well."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+# ----- the log and progress bars ------------------------------------------------------------------
+
+PROGRESS_MODES = ("auto", "always", "never")
+_progress = "auto"  # the --progress of this process, set by setup_logging
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Log lines on stdout, where `> file` captures them; a progress bar on the terminal is cleared before
+    each line and redrawn below it, so a line never shares a row with a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
+class HeldLines(logging.Handler):
+    """The lines logged before a run's log file can be opened (while its inputs are checked, before any
+    output exists): start_log_file writes them first. At most `limit`, the newest."""
+
+    def __init__(self, limit: int = 10_000):
+        super().__init__()
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=limit)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def setup_logging(level: int = logging.INFO, progress: str = "auto") -> None:
+    """Dated log lines to stdout, one event per line, Python warnings among them; lines are held for
+    start_log_file. `progress` is --progress: whether progress_bar draws (see add_progress_argument)."""
+    global _progress
+    _progress = progress
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+                        datefmt="%Y-%m-%d %H:%M:%S", handlers=[ConsoleHandler(sys.stdout), HeldLines()],
+                        force=True)
+    warnings.showwarning = log_warning
+
+
+def log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
+                line=None) -> None:
+    """A Python warning as one log line (warnings.showwarning's signature), not two lines on stderr."""
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
+
+
+def start_log_file(log_file: Path) -> None:
+    """Write the log to `log_file` as well (its folder created), starting with the lines held since
+    setup_logging: call it once the inputs are checked, so that a refused run leaves no file behind."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setFormatter(root.handlers[0].formatter)
+    for held in [h for h in root.handlers if isinstance(h, HeldLines)]:
+        for record in held.records:
+            file_handler.handle(record)
+        root.removeHandler(held)
+    root.addHandler(file_handler)
+
+
+def add_progress_argument(group: argparse._ArgumentGroup) -> None:
+    """--progress, the same in every script that draws a progress bar."""
+    group.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                       help="progress bars on stderr: auto draws them only when stderr is a terminal (not "
+                            "into a log file or a cluster job's output), always, or never")
+
+
+def progress_bar(iterable: Iterable | None = None, hidden: bool = False, **options) -> tqdm:
+    """A tqdm bar that draws as --progress says (setup_logging's `progress`); `hidden` keeps it from drawing
+    whatever the flag (a DDP rank other than 0, a scan too short to need one)."""
+    drawn = _progress == "always" or (_progress == "auto" and sys.stderr.isatty())
+    return tqdm(iterable, disable=hidden or not drawn, **options)
 
 
 # ----- devices and precision ----------------------------------------------------------------------
@@ -91,9 +160,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def configure_backends(device: torch.device, threads: int | None = None) -> None:
-    """The backend flags of a training step, set the same way by main.py and bench.py: CPU threads, and on
-    CUDA cuDNN autotuning with TF32 convolutions while matmuls stay in true fp32."""
+    """The backend flags of a training step, set the same way by main.py and bench.py: CPU threads, on the
+    CPU freed memory kept in the process, and on CUDA cuDNN autotuning with TF32 convolutions while matmuls
+    stay in true fp32."""
     set_threads(threads)
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True  # every crop has the same length: autotune each conv once
@@ -103,13 +175,26 @@ def configure_backends(device: torch.device, threads: int | None = None) -> None
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = False
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc (PyTorch's CPU allocator) serve every allocation from its heap and never give
+    freed memory back to the system; True if it took the settings, False off Linux/glibc. Otherwise each
+    training step maps its large activations afresh and faults every 4 KiB page in again: 20-35 thousand
+    faults per step of the 128-channel model, and 0.91-0.92x the CPU time without them (docs/RESULTS.md).
+    The cost: the process keeps its peak heap resident until it exits (a training process reuses it)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim_threshold, mmap_max = -1, -4  # M_TRIM_THRESHOLD, M_MMAP_MAX in <malloc.h>
+    # 2**31 - 1, the largest C int, is "never trim" (a larger Python int would wrap to a small one).
+    return bool(mallopt(mmap_max, 0)) and bool(mallopt(trim_threshold, 2**31 - 1))
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The one mixed-precision context of a run: nullcontext for fp32, autocast to fp16 or bf16 otherwise."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16" and device.type == "cuda" and not cuda_has_bf16_hardware(device):
-        if not torch.cuda.is_bf16_supported():
-            raise UserError("This GPU has no bf16 support: use --precision fp16 (or fp32).")
         log.warning("This GPU (compute capability %d.%d) has no bf16 hardware, so bf16 runs emulated and "
                     "slower than fp16: use --precision fp16 here.", *torch.cuda.get_device_capability(device))
     if device.type == "cpu" and not cpu_has_half_instructions(precision):
@@ -173,6 +258,14 @@ def add_threads_argument(group: argparse._ArgumentGroup, default: int | None = N
                             "are far slower")
 
 
+def default_num_workers() -> int:
+    """Loader workers this machine has room for: the CPUs this process may use (its affinity, which
+    containers and taskset narrow), less one for the training process itself, at most 4. Asking for more
+    makes PyTorch warn that the loader might freeze."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, available - 1)
+
+
 def set_threads(threads: int | None) -> None:
     """Apply --threads to PyTorch and to the BLAS under NumPy, SciPy and scikit-learn (a probe's logistic
     regression ran 15 times slower with 2 BLAS threads on a loaded 2-core CPU); None leaves their defaults."""
@@ -223,22 +316,32 @@ def fraction(text: str) -> float:
 
 # ----- outputs: checked before the work starts -----------------------------------------------------
 
-def ensure_writable_dir(folder: Path, flag: str = "--output-dir", what: str = "the output folder") -> None:
-    """Create `folder` and check that a file can be written in it, before any time is spent computing."""
+def check_writable_dir(folder: Path, flag: str = "--output-dir", what: str = "the output folder") -> None:
+    """Check, before any time is spent computing and creating nothing, that `folder` can be written: a file
+    is written and removed in it, or in its nearest existing parent when it is still to be made."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise UserError(f"Cannot write to {what} {folder} ({err.strerror or err}): "
                         f"choose a writable {flag}.") from None
 
+def ensure_writable_dir(folder: Path, flag: str = "--output-dir", what: str = "the output folder") -> None:
+    """check_writable_dir, then create `folder`."""
+    check_writable_dir(folder, flag, what)
+    folder.mkdir(parents=True, exist_ok=True)
+
 def ensure_writable_file(path: Path, flag: str) -> None:
-    """Check that the file `path` can be written (its folder created if need be) without creating or changing
-    the file itself, so that a run ends with its result rather than a PermissionError."""
+    """Check that the file `path` can be written without creating or changing it or its folder (the writer
+    makes the folder), so that a run ends with its result rather than a PermissionError."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder: give the path of a file.")
-    ensure_writable_dir(path.parent, flag)
+    check_writable_dir(path.parent, flag)
     if path.exists():
         try:
             with open(path, "ab"):  # appends nothing: the file stays as it is

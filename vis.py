@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from data import SAMPLE_RATE, find_audio_files, load_audio, probe_audio, resampled_length
 from features import LAYERS, cosine_matrix, equal_length_batches, is_random, load_network, random_network
@@ -66,13 +65,17 @@ from plots import (
     plot_similarity_heatmap,
     project,
     shorten,
+    tsne_caution,
+    tsne_perplexity,
 )
 from utils import (
     HelpFormatter,
     UserError,
     add_device_argument,
+    add_progress_argument,
     add_threads_argument,
-    ensure_writable_dir,
+    check_writable_dir,
+    progress_bar,
     resolve_device,
     run_cli,
     set_threads,
@@ -85,6 +88,9 @@ MAX_NEIGHBOUR_ROWS = 24  # queries drawn in nearest_neighbours.png; the CSV hold
 UNLABELLED = "(no label)"
 MAX_BATCH_SAMPLES = 60 * SAMPLE_RATE  # most audio in one forward pass: bounds memory for long files
 REFERENCE = "a random network of the same configuration"
+# Above this share of the file embeddings' variance along one direction, their mean-centred cosines sit near
+# +1 or -1 (a file is on one side of the mean or the other): the heatmap is a checkerboard that says little.
+ONE_DIRECTION_SHARE = 0.8
 NN_COLUMNS = ("query", "query_label", "rank", "neighbour", "neighbour_label", "cosine_distance", "same_label")
 
 
@@ -121,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compute.add_argument("--batch-size", type=int, default=10,
                          help="files read at a time; those of equal length share one forward pass")
     add_threads_argument(compute)
+    add_progress_argument(compute)
     args = parser.parse_args(argv)
     if args.max_batches < 1 or args.batch_size < 1 or args.max_batches * args.batch_size < 2:
         raise UserError("Give --max-batches and --batch-size of at least 1 and at least 2 files in all "
@@ -229,20 +236,20 @@ def frame_labels_of(path: Path, num_frames: int, window: int, names: list[str] |
 
 def embed_files(model: Wav2Vec, reference: Wav2Vec | None, files: list[Path], names: list[str],
                 labels: list[str | None], args: argparse.Namespace
-                ) -> tuple[Embeddings, list[tuple[str, str]]]:
-    """Run the model (and the reference network, if any) on every file, --batch-size files at a time; draw
-    --num-samples of them, spread over the list as the files are; keep their features. Returns the
-    embeddings and each per-file figure's (file name, caption)."""
+                ) -> tuple[Embeddings, list[tuple[str, str | None, FileFeatures]]]:
+    """Run the model (and the reference network, if any) on every file, --batch-size files at a time; keep
+    --num-samples of them whole, spread over the list as the files are, for their figures. Returns the
+    embeddings and the samples (name, label, features)."""
     rng = np.random.default_rng(args.seed)
     max_samples = int(args.max_seconds * SAMPLE_RATE)
     per_file = math.ceil(args.max_frames / len(files))  # frames kept per file: memory stays bounded
     label_names = frame_label_names(args.data_dir)
-    kept_names, kept_labels, means, random_means, sampled, owners, frame_labels, skipped, figures = \
+    kept_names, kept_labels, means, random_means, sampled, owners, frame_labels, skipped, samples = \
         [], [], [], [], [], [], [], [], []
     total_frames, total_seconds, example = 0, 0.0, None
     to_draw = set(evenly_spaced(len(files), args.num_samples).tolist())
     owed = 0  # figures due: a file picked for one but unreadable passes it on to the next readable file
-    with tqdm(total=len(files), desc="extracting", unit="file") as progress:
+    with progress_bar(total=len(files), desc="extracting", unit="file") as progress:
         for begin in range(0, len(files), args.batch_size):
             paths = files[begin:begin + args.batch_size]
             batch = embed_batch(model, reference, paths, max_samples, args.layer)
@@ -257,12 +264,7 @@ def embed_files(model: Wav2Vec, reference: Wav2Vec | None, files: list[Path], na
                 frames = result.c if args.layer == "c" else result.z
                 if owed:
                     owed -= 1
-                    figure = f"sample_{len(figures):02d}_{slug(name)}.png"
-                    plot_sample(result.wav, result.duration, result.z, result.c, model, name, label,
-                                args.output_dir / figure)
-                    figures.append((figure, f"{name}{f' (label {label})' if label is not None else ''}: "
-                                            "waveform, log-mel spectrogram, latent z and context c on one "
-                                            "time axis."))
+                    samples.append((name, label, result))
                 if example is None:
                     example = frames
                 chosen = np.sort(rng.choice(frames.shape[1], min(per_file, frames.shape[1]), replace=False))
@@ -289,7 +291,19 @@ def embed_files(model: Wav2Vec, reference: Wav2Vec | None, files: list[Path], na
                             frame_label.tolist() if has_frame_labels else None,
                             np.stack(random_means) if random_means else None, total_frames, total_seconds,
                             example, skipped)
-    return embeddings, figures
+    return embeddings, samples
+
+
+def draw_samples(samples: list[tuple[str, str | None, FileFeatures]], model: Wav2Vec,
+                 out: Path) -> list[tuple[str, str]]:
+    """A figure per sample (waveform, log-mel, z and c); each figure's (file name, caption)."""
+    figures = []
+    for number, (name, label, result) in enumerate(samples):
+        figure = f"sample_{number:02d}_{slug(name)}.png"
+        plot_sample(result.wav, result.duration, result.z, result.c, model, name, label, out / figure)
+        figures.append((figure, f"{name}{f' (label {label})' if label is not None else ''}: waveform, "
+                                "log-mel spectrogram, latent z and context c on one time axis."))
+    return figures
 
 
 def slug(name: str) -> str:
@@ -331,6 +345,8 @@ def plot_embedding_map(emb: Embeddings, categories: list[str], colour_by: str, f
         start = time.perf_counter()
         xy, (xlabel, ylabel) = project(points, method, seed)
         log.info("%s of %d points took %.1f s", method, len(points), time.perf_counter() - start)
+        if method == "tsne" and tsne_caution(len(points)):
+            title += f"\ntoo few points for t-SNE (perplexity {tsne_perplexity(len(points)):.0f}): read PCA"
         order = rng.permutation(len(xy))  # random drawing order: no category hides under the last one drawn
         ax.scatter(xy[order, 0], xy[order, 1], s=size, linewidths=0, alpha=0.8,
                    c=[point_colours.get(point_categories[i], OTHER_COLOUR) for i in order])
@@ -410,6 +426,25 @@ def plot_neighbours(emb: Embeddings, nearest: np.ndarray, distance: np.ndarray, 
 
 # ----- numbers and the page -----------------------------------------------------------------------
 
+def first_component_share(points: np.ndarray) -> float:
+    """The share of the variance of points (N, C) that lies along their first principal component."""
+    singular = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+    return float(singular[0] ** 2 / max(float((singular**2).sum()), 1e-30))
+
+
+def cautions(emb: Embeddings, share: float) -> list[str]:
+    """What makes this run's pictures misleading: maps of too few points for t-SNE, and file embeddings whose
+    variance lies along one direction (`share` of it: first_component_share), a saturated heatmap."""
+    found = [f"{what} {note}" for what, points in (("the frames' map:", emb.frames),
+                                                   ("the files' map:", emb.utterances))
+             if (note := tsne_caution(len(points)))]
+    if share > ONE_DIRECTION_SHARE:
+        found.append(f"{100 * share:.0f}% of the variance of the file embeddings lies along one direction, "
+                     "so their similarities sit near +1 or -1 (the heatmap's checkerboard) and say little "
+                     "more than on which side of the mean a file falls")
+    return found
+
+
 def within_between(similarity: np.ndarray, labels: list[str | None]) -> tuple[float, float]:
     """Mean similarity over pairs of labelled files that share a label, and over pairs that do not."""
     known = np.array([label is not None for label in labels])
@@ -450,9 +485,10 @@ def summary_numbers(similarity: np.ndarray, nearest: np.ndarray,
 
 def summary_text(args: argparse.Namespace, model: Wav2Vec, history: dict | None, emb: Embeddings,
                  found: int, selected: int, numbers: dict[str, float],
-                 reference: dict[str, float] | None) -> str:
+                 reference: dict[str, float] | None, notes: list[str] | None = None) -> str:
     """One paragraph: the checkpoint, what was embedded, and how well the features group by label, beside
-    the same numbers for a random network of the same configuration (`reference`) when it ran."""
+    the same numbers for a random network of the same configuration (`reference`) when it ran; then what
+    makes a picture misleading (`notes`, from cautions)."""
     cfg = model.config
     checkpoint = (f"Checkpoint {args.checkpoint} ({len(cfg.encoder_layers)} encoder and "
                   f"{len(cfg.context_layers)} context layers, {cfg.context_layers[-1][0]} channels, "
@@ -486,6 +522,7 @@ def summary_text(args: argparse.Namespace, model: Wav2Vec, history: dict | None,
         parts.append("No labels were given, so within- versus between-label similarity is not reported; the "
                      f"mean cosine similarity (mean-centred) between files is {numbers['between']:.3f}"
                      + (f" ({REFERENCE}: {reference['between']:.3f})" if reference else ""))
+    parts += [f"Caution, {note}" for note in notes or []]
     return ". ".join(parts) + "."
 
 
@@ -510,8 +547,8 @@ figure {{margin: 2.5em 0}} img {{max-width: 100%; border: 1px solid #ddd}} figca
 def main(argv: list[str] | None = None) -> None:
     """Load the checkpoint, embed the files, write every figure, the table, the summary and the page."""
     args = parse_args(argv)
-    setup_logging()
-    ensure_writable_dir(args.output_dir, "--output-dir")  # before the work, not after it
+    setup_logging(progress=args.progress)
+    check_writable_dir(args.output_dir, "--output-dir")  # before the work; made once the files are embedded
     set_threads(args.threads)
     start = time.perf_counter()
     device = resolve_device(args.device)
@@ -533,6 +570,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%s on %s: embedding %d of %d files from %s, layer %s", args.checkpoint, device, len(files),
              len(found), args.data_dir, args.layer)
 
+    emb, samples = embed_files(model, reference, files, names, labels, args)
+    out.mkdir(parents=True, exist_ok=True)  # enough files were embedded: the figures can be drawn
     figures = []
     if history:
         plot_loss_curves(history, model.config, out / "loss_curves.png")
@@ -540,8 +579,7 @@ def main(argv: list[str] | None = None) -> None:
                                            "epoch; accuracy overall and per prediction step when recorded."))
     else:
         log.info("%s holds no training history: skipping the loss curves.", args.checkpoint)
-
-    emb, sample_figures = embed_files(model, reference, files, names, labels, args)
+    sample_figures = draw_samples(samples, model, out)
     colour_by = "label" if args.labels else "file"
     categories = ([UNLABELLED if label is None else label for label in emb.labels] if args.labels
                   else emb.names)
@@ -561,9 +599,12 @@ def main(argv: list[str] | None = None) -> None:
     agreement, chance = numbers["agreement"], numbers["chance"]
     centre = emb.utterances.mean(axis=0)  # for the self-similarity, centred like the files
     order = np.array(sorted(range(len(emb.names)), key=lambda i: (natural_key(categories[i]), emb.names[i])))
-    similarity_note = f"\nwithin label {within:.2f}, between labels {between:.2f}"
-    plot_similarity_heatmap(similarity, order, categories, colour_by, args.layer,
-                            similarity_note if args.labels else "", out / "similarity_heatmap.png")
+    similarity_note = f"\nwithin label {within:.2f}, between labels {between:.2f}" if args.labels else ""
+    share = first_component_share(emb.utterances)
+    if share > ONE_DIRECTION_SHARE:
+        similarity_note += f"\none direction holds {100 * share:.0f}% of the variance: similarities saturate"
+    plot_similarity_heatmap(similarity, order, categories, colour_by, args.layer, similarity_note,
+                            out / "similarity_heatmap.png")
     plot_self_similarity(emb.example, centre, model, emb.names[0], args.layer, out / "self_similarity.png")
     write_neighbours_csv(emb, nearest, distance, out / "nearest_neighbours.csv")
     agreement_note = f"\n{100 * agreement:.0f}% share the query's label (chance {100 * chance:.0f}%)"
@@ -580,7 +621,11 @@ def main(argv: list[str] | None = None) -> None:
         ("nearest_neighbours.png", f"The {k} nearest files of a spread of query files (every file is in "
                                    "nearest_neighbours.csv); ✓ marks a neighbour with the query's label."),
     ]
-    summary = summary_text(args, model, history, emb, len(found), len(files), numbers, reference_numbers)
+    notes = cautions(emb, share)
+    for note in notes:
+        log.warning("Caution, %s", note)
+    summary = summary_text(args, model, history, emb, len(found), len(files), numbers, reference_numbers,
+                           notes)
     (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
     write_index(out / "index.html", summary, figures)
     log.info("%s", summary)

@@ -3,11 +3,14 @@ corpus (conftest.py), and any script in a process of its own."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 import finetune
 import main
@@ -21,6 +24,19 @@ def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python ARGS` in the repository, on one thread; its exit code and output."""
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=ONE_THREAD)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable, *args: object, nprocs: int = 2) -> None:
+    """worker(rank, port, *args) in `nprocs` processes (a job on this machine, cluster_workers.join); fails
+    with what any rank raised."""
+    mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs)
 
 
 def tiny_flags(data_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -3,6 +3,7 @@ and flags named and set as main.py's."""
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,38 @@ def test_channels_follow_the_preset_so_the_small_model_is_benchmarked_at_128():
 def test_the_old_use_transforms_flag_still_turns_augmentation_on_and_warns(capsys):
     assert bench.parse_args(["--use-transforms"]).augment
     assert "warning: --use-transforms is now --augment" in capsys.readouterr().err
+
+
+def test_on_cuda_the_train_benchmark_reports_peak_memory_and_the_host_syncs_in_a_step(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step(wav):  # a step with one .item(), as set_sync_debug_mode("warn") reports it
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    report = bench.cuda_report(torch.device("cuda"), step, torch.zeros(1))
+    assert (report["cuda_peak_memory_gb"], report["host_syncs_per_step"]) == (3.0, 1)
+    assert modes == ["warn", "default"]  # and the debug mode is off again
+    assert bench.cuda_report(torch.device("cpu"), step, torch.zeros(1)) == {}
+
+
+def test_both_training_paths_take_turns_on_every_batch_and_report_their_ratio():
+    result = bench.main([*TINY, "--what", "train", "--train-path", "both", "--repeats", "3"])
+    assert (result["training_path"], result["plain_training_path"]) == ("fast", "plain")
+    assert len(result["step_seconds"]) == len(result["plain_step_seconds"]) == 3
+    assert result["fast_over_plain_median"] == pytest.approx(  # times are rounded to 0.1 ms in the report
+        result["seconds_per_step_median"] / result["plain_seconds_per_step_median"], rel=0.05)
+    plain_flops_per_second = result["flops_per_step"] / result["plain_seconds_per_step_median"]
+    assert result["plain_mfu"] == pytest.approx(
+        plain_flops_per_second / result["matmul_peak_flops_per_second"], abs=1e-3)
+    calls = []
+    seconds = bench.time_steps({name: lambda wav, name=name: calls.append(name) for name in "ab"},
+                               [torch.zeros(1)] * 4, 1, torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order turns every batch
+    assert [len(s) for s in seconds.values()] == [3, 3]
+
+
+@pytest.mark.parametrize("flags, path", [((), "fast"), (("--train-path", "plain"), "plain"),
+                                         (("--model", "wav2vec_tiny"), "plain")])
+def test_the_train_benchmark_says_which_training_path_it_timed(flags, path):
+    assert bench.main([*TINY, "--what", "train", *flags])["training_path"] == path

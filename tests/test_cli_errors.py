@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from audio import write_tone
-from scripts import run_script, short_run_flags, tiny_flags, train
+from scripts import TONE_LABELS, run_script, short_run_flags, tiny_flags, train
 from weights import fine_tuned
 
 import bench
@@ -84,6 +84,21 @@ def test_missing_data_folder_and_unwritable_output_folder_are_clear_errors(tmp_p
         main.parse_args([])
 
 
+@pytest.mark.parametrize("data", ["missing", "empty"])
+def test_a_run_refused_for_its_data_leaves_no_output_folder(tmp_path, data):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="does not exist|No audio files"):
+        train(tmp_path / data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_warmup_warning_comes_after_the_data_is_found(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="No audio files"):
+        train(tmp_path / "empty", tmp_path / "out", "--max-updates", "5", "--warmup-updates", "50")
+    assert "--warmup-updates" not in "".join(capsys.readouterr())  # the log, on stdout or stderr
+
+
 def test_an_unwritable_packed_folder_is_refused_before_the_corpus_is_scanned(demo_corpus, tmp_path,
                                                                              monkeypatch):
     monkeypatch.setattr(main, "build_manifest", None)  # scanning would raise a TypeError
@@ -138,10 +153,11 @@ def test_a_folder_with_one_class_exits_with_a_clear_error(tmp_path):
     assert "Traceback" not in run.stderr
 
 
-def test_a_missing_data_folder_is_one_clear_sentence(tmp_path):
+def test_a_missing_data_folder_is_one_clear_sentence_and_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match="No folder .*nowhere: give --data-dir"):
-        suite.parse_args(["fsdd", "--data-dir", str(tmp_path / "nowhere"), "--checkpoint", "x.pt",
-                          "--json", str(tmp_path / "o.json")])
+        suite.main(["fsdd", "--data-dir", str(tmp_path / "nowhere"), "--checkpoint", "x.pt",
+                    "--json", str(tmp_path / "o.json"), "--output-dir", str(tmp_path / "out")])
+    assert sorted(tmp_path.iterdir()) == []
 
 
 # ----- finetune.py --------------------------------------------------------------------------------
@@ -175,6 +191,13 @@ def test_a_head_the_task_cannot_use_is_refused_before_any_work(tmp_path, flags, 
                                    *flags])
 
 
+def test_a_missing_checkpoint_leaves_no_output_folder(tmp_path, tones):
+    with pytest.raises(UserError, match="nope.pt"):
+        finetune.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data-dir", str(tones), "--labels",
+                       TONE_LABELS, "--output-dir", str(tmp_path / "ft")])
+    assert not (tmp_path / "ft").exists()
+
+
 # ----- extract.py ---------------------------------------------------------------------------------
 
 def test_extract_refuses_an_unwritable_output_before_loading_the_model(demo_corpus, tmp_path):
@@ -182,6 +205,14 @@ def test_extract_refuses_an_unwritable_output_before_loading_the_model(demo_corp
     for output in (blocked(tmp_path), blocked(tmp_path).with_suffix(".npz")):
         with pytest.raises(UserError, match="Cannot write to the output folder .*--output"):
             extract.main(["--checkpoint", missing, "--data-dir", str(demo_corpus), "--output", str(output)])
+
+
+@pytest.mark.parametrize("output", ["feats", "out/feats.npz"])
+def test_extract_with_a_missing_checkpoint_leaves_no_output(demo_corpus, tmp_path, output):
+    with pytest.raises(UserError, match="missing.pt"):
+        extract.main(["--checkpoint", str(tmp_path / "missing.pt"), "--data-dir", str(demo_corpus),
+                      "--output", str(tmp_path / output)])
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_extract_refuses_an_npy_output_instead_of_making_a_folder_of_that_name(demo_corpus, checkpoint16,
@@ -198,6 +229,24 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(demo_corpus, tmp
     with pytest.raises(UserError, match="Cannot write to the output folder .*--output-dir"):
         vis.main(["--checkpoint", str(tmp_path / "missing.pt"),  # not loaded yet
                   "--data-dir", str(demo_corpus), "--output-dir", str(blocked(tmp_path)), "--device", "cpu"])
+
+
+def test_vis_with_a_missing_checkpoint_leaves_no_output_folder(demo_corpus, tmp_path):
+    with pytest.raises(UserError, match="missing.pt"):
+        vis.main(["--checkpoint", str(tmp_path / "missing.pt"), "--data-dir", str(demo_corpus),
+                  "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_vis_with_one_readable_file_writes_nothing(demo_corpus, checkpoint16, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.wav").write_bytes((next(demo_corpus.rglob("*.wav"))).read_bytes())
+    (data / "b.wav").write_bytes(b"not audio")
+    with pytest.raises(UserError, match="Only 1 of 2 audio files"):
+        vis.main(["--checkpoint", str(checkpoint16), "--data-dir", str(data), "--output-dir",
+                  str(tmp_path / "out"), "--device", "cpu", "--no-random-reference"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_invalid_label_pattern_is_one_sentence(demo_corpus, checkpoint16, tmp_path):

@@ -293,6 +293,20 @@ def test_discovery_is_recursive_case_insensitive_and_sorted(tmp_path):
     assert found == ["a.flac", "b/a/y.Mp3", "b/x.WAV", "c.ogg", "d.m4a"]
 
 
+def test_symlinked_folders_are_followed_each_real_folder_once_and_a_loop_ends(tmp_path):
+    for speaker in ("ann", "bob"):
+        (tmp_path / "store" / speaker).mkdir(parents=True)
+        (tmp_path / "store" / speaker / "1.wav").write_bytes(b"")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for speaker in ("ann", "bob"):
+        (corpus / speaker).symlink_to(tmp_path / "store" / speaker, target_is_directory=True)
+    (corpus / "ann_again").symlink_to(tmp_path / "store" / "ann", target_is_directory=True)
+    (tmp_path / "store" / "bob" / "up").symlink_to(corpus, target_is_directory=True)  # a loop
+    found = [p.relative_to(corpus).as_posix() for p in find_audio_files(corpus)]
+    assert found == ["ann/1.wav", "bob/1.wav"]
+
+
 @pytest.fixture
 def counted_probes(monkeypatch):
     """The paths data.probe_audio opened, in order."""
@@ -439,12 +453,6 @@ def test_each_worker_is_seeded_differently_and_reproducibly():
     assert not torch.equal(by_worker[0], by_worker[1])
     assert torch.equal(draws(0), first)
     assert not torch.equal(draws(1)[:, 0], first[:, 0])
-
-
-def test_loader_workers_default_to_the_cpus_available_less_one(monkeypatch):
-    for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
-        assert data.default_num_workers() == workers
 
 
 def test_a_training_set_smaller_than_one_batch_is_a_user_error(tmp_path):

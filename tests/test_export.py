@@ -160,6 +160,15 @@ def test_export_cli_checks_a_recognizer_against_pytorch(tmp_path):
     assert report["form"] == "recognizer" and report["max_abs_diff_to_pytorch"] < 1e-4
 
 
+def test_int8_quantization_logs_no_advice_that_does_not_apply(model, tmp_path, caplog):
+    ondevice.export_onnx(model, tmp_path / "fp32.onnx")
+    calibration = [np.random.default_rng(0).standard_normal(4000).astype(np.float32)]
+    with caplog.at_level("WARNING"):
+        ondevice.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", calibration)
+    assert "pre-processing" not in caplog.text and "Expected bias" not in caplog.text
+    assert (tmp_path / "int8.onnx").is_file()
+
+
 def test_export_cli_writes_a_fine_tuned_model_as_onnx_torchscript_and_int8(tmp_path):
     checkpoint = tmp_path / "finetuned.pt"
     torch.save(fine_tuned("classify").payload({}), checkpoint)  # what finetune.py writes

@@ -3,11 +3,12 @@ long audio, pooling, and the backbone grammar (random, random:CKPT)."""
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from audio import noise
 from weights import save_weights, tiny_model
 
-from data import FRAME_HOP
+from data import FRAME_HOP, load_audio
 from features import (
     MEL_BANDS,
     SPECTROGRAM_WINDOW,
@@ -17,13 +18,14 @@ from features import (
     deltas,
     featurizer,
     hz_to_mel,
+    load_waveform,
     log_mel_spectrogram,
     mel_filterbank,
     mfcc,
     model_features,
     pool,
 )
-from model import Wav2Vec, Wav2VecConfig
+from model import UserError, Wav2Vec, Wav2VecConfig
 
 # ----- MFCC and the log-mel spectrogram -----------------------------------------------------------
 
@@ -122,3 +124,20 @@ def test_random_with_a_checkpoint_is_a_random_network_of_that_checkpoints_config
     assert backbone_config(f"random:{checkpoint}") == trained.config
     assert backbone_config("random") == Wav2VecConfig.preset("wav2vec")
     assert backbone_config("mfcc") is None
+
+
+# ----- waveforms ----------------------------------------------------------------------------------
+
+def test_load_waveform_takes_a_path_an_array_or_a_tensor_and_resamples_them_alike(tmp_path):
+    wav = noise(0.5)[::3].copy()  # noise at 5333 Hz, a rate with no small ratio to 16 kHz
+    sf.write(tmp_path / "clip.wav", wav, 5333, subtype="FLOAT")
+    from_file = load_waveform(tmp_path / "clip.wav")
+    assert from_file.dtype == np.float32 and np.array_equal(from_file, load_audio(tmp_path / "clip.wav"))
+    for given in (wav, torch.from_numpy(wav), wav.astype(np.float64)):
+        assert np.allclose(load_waveform(given, 5333), from_file, atol=1e-6)
+    assert np.array_equal(load_waveform(wav), wav)  # 16 kHz unless told otherwise
+
+
+def test_load_waveform_refuses_several_channels_in_one_sentence():
+    with pytest.raises(UserError, match=r"one mono waveform of shape \(L,\), not \(2, 100\)"):
+        load_waveform(np.zeros((2, 100)))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from audio import write_tone
 from scripts import REPO, run_finetune, run_recognition
+from weights import fine_tuned
 
 import finetune
 from heads import Classifier, HeadConfig
@@ -90,6 +91,21 @@ def test_predict_on_a_saved_model_reproduces_its_own_predictions(tmp_path, tones
     for name, row in predicted.items():
         assert row["predicted"] == trained[name]["predicted"]
         assert float(row["p_300"]) == pytest.approx(float(trained[name]["p_300"]), abs=1e-4)
+
+
+def test_predict_skips_and_names_unreadable_and_too_short_files_and_writes_the_rest(tmp_path, capsys):
+    model = tmp_path / "finetuned.pt"
+    torch.save(fine_tuned("classify").payload({}), model)
+    data = tmp_path / "data"
+    for name, seconds in (("a.wav", 0.3), ("b/c.wav", 0.3), ("short.wav", 0.01)):
+        write_tone(data / name, 440, seconds)
+    (data / "broken.wav").write_bytes(b"RIFF, but not audio")
+    output = tmp_path / "out" / "predictions.csv"
+    finetune.main(["predict", "--model", str(model), "--data-dir", str(data), "--output", str(output)])
+    assert [row["path"] for row in read_csv(output)] == ["a.wav", "b/c.wav"]
+    log = capsys.readouterr().out
+    assert "broken.wav" in log and "short.wav is shorter than one frame" in log
+    assert "2 of 4 files unreadable or too short, skipped" in log
 
 
 def fold_result(name: str, accuracy: float | None) -> tuple:
@@ -213,7 +229,7 @@ def test_files_too_short_for_their_transcripts_are_named_and_left_out(tmp_path, 
     metrics = run_recognition(tmp_path, transcribed, "--labels", str(write_tsv(tmp_path / "t.tsv", rows)),
                               "--epochs", "1", "--subsample", "2")  # 148 frames of 1.5 s: 74 outputs
     assert metrics["n_tested"] == 46
-    log = capsys.readouterr().err
+    log = capsys.readouterr().out
     assert "2 files are too short for their transcripts" in log
     assert "speaker00_000.wav (74 frames, 80 needed), speaker00/speaker00_001.wav (74 frames, 149" in log
 

@@ -4,10 +4,12 @@ whole file."""
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.nn as nn
+from audio import noise
 from scripts import REPO, run_finetune, run_recognition
-from weights import recognizer
+from weights import fine_tuned, recognizer, recorded_load_locations
 
 from heads import BiLSTM, Classifier, FineTuned, Pooling, Recognizer, greedy_paths, pad_frames
 from model import UserError, Wav2Vec
@@ -33,6 +35,14 @@ def test_finetuned_model_loads_with_weights_only_and_predicts_in_two_lines(tmp_p
     prediction = model.predict(tones / "300hz_ann_0.wav")
     assert prediction["label"] in ("300", "1500")
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0)
+
+
+def test_a_finetuned_model_is_read_on_the_cpu_and_moved_to_map_location(tmp_path, monkeypatch):
+    path = tmp_path / "finetuned.pt"
+    torch.save(fine_tuned("classify").payload({}), path)
+    loads = recorded_load_locations(monkeypatch)
+    model = Classifier.from_pretrained(path, map_location="meta")  # "meta" stands in for "cuda"
+    assert loads == ["cpu"] and {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_torch_hub_loads_a_classifier_and_a_pretrained_wav2vec(tmp_path, tones, checkpoint32):
@@ -114,3 +124,14 @@ def test_a_recognizer_loads_with_weights_only_transcribes_and_comes_through_torc
     assert isinstance(hub, Recognizer) and isinstance(FineTuned.from_pretrained(path), Recognizer)
     with pytest.raises(UserError, match="a Recognizer \\(ctc\\): load it with Recognizer.from_pretrained"):
         Classifier.from_pretrained(path)
+
+
+def test_predict_takes_a_file_or_a_waveform_at_its_own_rate_alike(tmp_path):
+    model = fine_tuned("classify")
+    wav = noise(0.5)[::2].copy()  # 8 kHz
+    sf.write(tmp_path / "clip.wav", wav, 8000, subtype="FLOAT")
+    from_file = model.predict(tmp_path / "clip.wav")
+    for array in (wav, torch.from_numpy(wav)):
+        assert model.predict(array, sample_rate=8000)["probabilities"] == from_file["probabilities"]
+    with pytest.raises(UserError, match="The waveform is shorter than one frame"):
+        model.predict(wav[:100])

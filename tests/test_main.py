@@ -7,9 +7,9 @@ Tiny configs on small synthetic corpora; subprocesses only where a test needs a 
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from scripts import ONE_THREAD, REPO, load, run_script, short_run_flags, tiny_flags, train
+import torch.distributed as dist
+from scripts import ONE_THREAD, REPO, free_port, load, run_script, short_run_flags, tiny_flags, train
+from torch.nn.parallel import DistributedDataParallel
 
 import bench
 import data
@@ -30,6 +32,7 @@ import utils
 import vis
 from data import CropDataset
 from demo import make_demo_corpus
+from fastpath import FastTraining
 from model import UserError, Wav2Vec, Wav2VecConfig
 from training import save_checkpoint
 
@@ -191,6 +194,16 @@ def test_main_and_bench_set_the_backend_flags_through_one_function(backend_flags
     assert calls == [torch.device("cpu")] * 2
 
 
+@pytest.mark.parametrize("flags, fast", [((), True), (("--compile",), False), (("--norm", "layer"), False)])
+def test_cpu_training_takes_the_fast_step_unless_compiled_or_unsupported(fresh_corpus, tmp_path, flags, fast):
+    args = main.parse_args(short_run_flags(fresh_corpus, tmp_path / "run", *flags))
+    run = main.setup_run(args, training.Distributed(device=torch.device("cpu")))
+    run.log.close()
+    trained = getattr(run.trained, "_orig_mod", run.trained)  # under torch.compile
+    assert isinstance(trained, FastTraining) == fast
+    assert (trained.model if fast else trained) is run.model  # checkpoints save run.model, names unchanged
+
+
 # ----- resume -------------------------------------------------------------------------------------
 
 def test_stopped_and_resumed_run_follows_the_uninterrupted_one(corpus, tmp_path, monkeypatch):
@@ -284,7 +297,20 @@ def test_resume_with_only_the_output_dir_continues_with_the_runs_own_flags(corpu
     assert (args.data_dir, args.channels, args.segment_length, args.batch_size) == (str(corpus), 16, 6000, 2)
     main.train(args)
     assert load(tmp_path / "latest.pt")["step"] == 3
-    assert "Flags changed since the checkpoint: --max-updates 2 -> 3" in (tmp_path / "train.log").read_text()
+    log_text = (tmp_path / "train.log").read_text()
+    assert "Flags changed since the checkpoint: --max-updates 2 -> 3\n" in log_text
+    assert "This machine's settings, not the checkpoint's: --device auto (was cpu), " in log_text
+
+
+def test_resume_on_another_machine_takes_its_settings_from_that_machine(corpus, tmp_path, monkeypatch):
+    # Started on a 2-core laptop (one loader worker, --threads 1, fp32 on the CPU), resumed on an 8-core node.
+    train(corpus, tmp_path, "--max-updates", "1", "--num-workers", "1", "--threads", "1", "--cache-dir",
+          str(tmp_path / "laptop-cache"))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    args = main.parse_args(["--output-dir", str(tmp_path), "--resume"])
+    assert (args.num_workers, args.threads, args.device, args.precision, args.compile) == (
+        4, None, "auto", "auto", False)
+    assert args.cache_dir == str(data.DEFAULT_CACHE_DIR) and args.channels == 32  # the run's own flags stay
 
 
 def test_a_resumed_run_counts_the_time_already_spent(corpus, tmp_path):
@@ -319,6 +345,18 @@ def test_starting_over_an_existing_run_needs_resume(corpus, tmp_path):
     train(corpus, tmp_path, "--max-updates", "1")
     with pytest.raises(UserError, match="already holds a run"):
         train(corpus, tmp_path, "--max-updates", "1")
+
+
+def test_the_demo_runs_again_from_the_start_and_continues_with_resume(demo_corpus, tmp_path):
+    out = tmp_path / "demo"
+    flags = short_run_flags(demo_corpus, out, "--demo", "--max-updates", "2")
+    for _ in range(2):  # the second run starts over where another run would be refused
+        main.train(main.parse_args(flags))
+        assert load(out / "latest.pt")["step"] == 2
+        assert (out / "train.log").read_text().count("Done: 2 updates") == 1
+    main.train(main.parse_args([*flags[:-1], "3", "--resume"]))
+    assert load(out / "latest.pt")["step"] == 3
+    assert main.parse_args(["--demo"]).output_dir == "checkpoints/demo"  # not the default run's folder
 
 
 # ----- flags and their defaults -------------------------------------------------------------------
@@ -391,6 +429,22 @@ def test_the_default_loader_workers_fit_the_machine(monkeypatch):
 
 # ----- torchrun and signals (separate processes) --------------------------------------------------
 
+def test_compile_wraps_the_ddp_module_and_no_sync_still_reaches_ddp(corpus, tmp_path, monkeypatch):
+    # torch.compile inside DDP hid the backward from DDP's hooks: no overlap of the gradient all_reduce.
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or compile(module))
+    monkeypatch.setattr(training.Distributed, "enabled", property(lambda ddp: True))  # DDP on 1 process
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = training.Distributed(cpu_group=dist.group.WORLD)
+        run = main.setup_run(main.parse_args(tiny_flags(corpus, tmp_path / "run", "--compile")), ddp)
+    finally:
+        dist.destroy_process_group()
+    assert [type(module) for module in compiled] == [DistributedDataParallel]
+    assert run.trained.no_sync.__func__ is DistributedDataParallel.no_sync  # --accumulate-steps needs it
+    run.log.close()
+
+
 @pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_one_process_continues(corpus, tmp_path):
     result = subprocess.run(
@@ -409,13 +463,29 @@ def test_torchrun_with_two_gloo_processes_writes_a_checkpoint_that_one_process_c
     assert "written by 2 processes, continued by 1" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_a_log_redirected_to_a_file_holds_one_dated_event_per_line(corpus, tmp_path):
+    # As `python main.py ... > run.log 2>&1` or a cluster job writes it: no bars, no carriage returns.
+    flags = tiny_flags(corpus, tmp_path / "out", "--max-updates", "3", "--warmup-updates", "5")
+    with open(tmp_path / "run.log", "w") as output:
+        subprocess.run([sys.executable, "main.py", *flags], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                       env=ONE_THREAD, timeout=120, check=True)
+    text = (tmp_path / "run.log").read_text()
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) >= 6
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) ", line) for line in lines), text
+    assert any("WARNING --warmup-updates 5 is longer" in line for line in lines)
+    assert sum("INFO step " in line for line in lines) == 3
+
+
 def start_training(out: Path, *flags: str, cwd: Path = REPO, script: tuple[str, ...] = ("main.py",),
                    env: dict | None = None) -> subprocess.Popen:
-    """main.py in its own process group, as a terminal or a scheduler starts it; stderr to out/stderr.txt."""
+    """main.py in its own process group, as a terminal or a scheduler starts it; its output (stdout and
+    stderr, as a cluster job's) to out/output.txt."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "stderr.txt", "w") as stderr:
-        return subprocess.Popen([sys.executable, *script, *flags], cwd=cwd, stdout=subprocess.DEVNULL,
-                                stderr=stderr, env=env or ONE_THREAD, start_new_session=True)
+    with open(out / "output.txt", "w") as output:
+        return subprocess.Popen([sys.executable, *script, *flags], cwd=cwd, stdout=output,
+                                stderr=subprocess.STDOUT, env=env or ONE_THREAD, start_new_session=True)
 
 
 def wait_for_line(process: subprocess.Popen, log_file: Path, text: str, timeout: float = 90) -> None:
@@ -445,7 +515,7 @@ def test_sigterm_to_the_process_group_saves_the_last_update_and_the_run_resumes(
                                                    str(workers)))
     wait_for_line(process, tmp_path / "train.log", "INFO step 2 ")
     code, seconds = stop_group(process, signal.SIGTERM, timeout=30)
-    assert code == 0 and seconds < 30, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert code == 0 and seconds < 30, (tmp_path / "output.txt").read_text()[-3000:]
     log_text = (tmp_path / "train.log").read_text()
     ckpt = load(tmp_path / "latest.pt")
     last_update = max(entry["step"] for entry in ckpt["history"]["train"])
@@ -471,7 +541,7 @@ def test_ctrl_c_while_the_demo_corpus_is_synthesised_stops_at_once_and_leaves_no
     out = tmp_path / "checkpoints"
     process = start_training(out, "--demo", "--output-dir", str(out), cwd=tmp_path,
                              script=(str(REPO / "main.py"),))
-    wait_for_line(process, out / "train.log", "Synthesising the demo corpus")
+    wait_for_line(process, out / "output.txt", "Synthesising the demo corpus")  # before train.log exists
     code, seconds = stop_group(process, signal.SIGINT, timeout=30)
     assert code == 130 and seconds < 10
     assert not (out / "latest.pt").exists()
@@ -494,7 +564,7 @@ def test_ctrl_c_while_the_corpus_is_packed_stops_at_once_and_leaves_no_run(corpu
     result = run_script("-c", INTERRUPT_PACKING, *tiny_flags(corpus, tmp_path, "--packed-dir",
                                                              str(tmp_path / "packed")))
     assert result.returncode == 130, result.stderr[-3000:]
-    assert "SIGINT received before the first update" in result.stderr
+    assert "SIGINT received before the first update" in result.stdout  # the log: stdout
     assert not (tmp_path / "latest.pt").exists()
 
 
@@ -510,28 +580,54 @@ main.run_cli(main.main)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_two_ranks(out: Path, script: str, *flags: str, timeout: float = 60) -> list[int]:
+    """`python -c script flags` as ranks 0 and 1 of a gloo job (output in out/rank<r>/); their exit codes."""
+    env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [start_training(out / f"rank{r}", "-c", script, *flags, script=(),
+                            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    codes = []
+    for process in ranks:
+        try:
+            codes.append(process.wait(timeout=timeout))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return codes
 
 
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(corpus, tmp_path):
     # Before the vote, the signalled rank left at the epoch's end and the other waited for it forever.
-    env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    ranks = [start_training(tmp_path / f"rank{r}", "-c", SIGNAL_RANK_1_IN_VALIDATION,
-                            *tiny_flags(corpus, tmp_path, "--epochs", "1000", "--batch-size", "1"),
-                            script=(), env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    codes = []
-    for process in ranks:
-        try:
-            codes.append(process.wait(timeout=60))
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-    assert codes == [0, 0], (tmp_path / "rank0" / "stderr.txt").read_text()[-3000:]
+    codes = run_two_ranks(tmp_path, SIGNAL_RANK_1_IN_VALIDATION,
+                          *tiny_flags(corpus, tmp_path, "--epochs", "1000", "--batch-size", "1"))
+    assert codes == [0, 0], (tmp_path / "rank0" / "output.txt").read_text()[-3000:]
     ckpt = load(tmp_path / "latest.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["crops_in_epoch"]) == (4, 1, 0)  # the end of epoch 0
     assert "Stopped by a signal to another rank at step 4" in (tmp_path / "train.log").read_text()
-    assert "SIGTERM received" in (tmp_path / "rank1" / "stderr.txt").read_text()
+    assert "SIGTERM received" in (tmp_path / "rank1" / "output.txt").read_text()
+
+
+SKEWED_CLOCKS = """
+import os, main, training
+ahead = 1.5 if os.environ["RANK"] == "0" else 0.0  # rank 0 started earlier: its clock is 1.5 updates ahead
+def tick(clock):  # one second of training per update, however fast this machine is
+    clock.progress.train_seconds = clock.progress.step + ahead
+training.TrainingClock.tick = tick
+main.run_cli(main.main)
+"""
+
+
+@pytest.mark.slow
+def test_save_every_minutes_saves_each_boundary_once_on_every_rank_whichever_clock_passes_it_first(
+        corpus, tmp_path):
+    # Every 3 s: rank 0's clock passes a boundary after updates 2, 5, 8, rank 1's one update later. Each rank
+    # deciding for itself deadlocked (one saved, in an all_reduce, while the other voted); OR-ing their
+    # decisions saved twice, one update apart.
+    codes = run_two_ranks(tmp_path, SKEWED_CLOCKS, *tiny_flags(
+        corpus, tmp_path, "--batch-size", "1", "--epochs", "3", "--max-updates", "10", "--log-every", "7",
+        "--save-every-minutes", "0.05", "--keep-last", "0"))
+    assert codes == [0, 0], (tmp_path / "rank0" / "output.txt").read_text()[-3000:]
+    numbered = sorted(int(path.stem.split("_")[1]) for path in tmp_path.glob("checkpoint_*.pt"))
+    assert numbered == [2, 5, 8]
+    logged = [entry["step"] for entry in load(tmp_path / "latest.pt")["history"]["train"]]
+    assert {2, 5, 8} <= set(logged) and logged[-1] == 10  # each save logged its updates first: an all_reduce

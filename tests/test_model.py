@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from weights import recorded_load_locations
 
 from model import (
     StreamingStep,
@@ -259,6 +260,13 @@ def test_extract_features_shapes_for_batched_and_single_waveforms():
     assert not feats["c"].requires_grad
 
 
+@pytest.mark.parametrize("wav, sample_rate, given", [("clip.wav", 16000, "the path clip.wav"),
+                                                    (np.zeros(8000), 8000, "audio at 8000 Hz")])
+def test_extract_features_sends_a_path_or_another_rate_to_load_waveform(wav, sample_rate, given):
+    with pytest.raises(UserError, match=f"not {given}: load it with features.load_waveform"):
+        tiny().extract_features(wav, sample_rate)
+
+
 def test_extract_features_accepts_numpy_as_well_as_tensors():
     model = Wav2Vec(Wav2VecConfig.preset("wav2vec", channels=16)).eval()
     wav = np.random.default_rng(0).standard_normal(4000)  # float64, as numpy makes it
@@ -280,6 +288,13 @@ def test_from_pretrained_reproduces_extract_features(tmp_path):
     assert not loaded.training
     assert loaded.config == model.config
     assert torch.equal(loaded.extract_features(wav)["c"], model.extract_features(wav)["c"])
+
+
+def test_from_pretrained_reads_the_checkpoint_on_the_cpu_and_moves_only_the_model(checkpoint16, monkeypatch):
+    # map_location went to torch.load: a training checkpoint's Adam moments went to the GPU with the weights.
+    loads = recorded_load_locations(monkeypatch)
+    model = Wav2Vec.from_pretrained(checkpoint16, map_location="meta")  # "meta" stands in for "cuda"
+    assert loads == ["cpu"] and {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_from_pretrained_missing_file_is_a_clear_error(tmp_path):
@@ -395,6 +410,19 @@ def test_the_fixed_shape_step_gives_offline_frames_after_its_warmup(hops):
     frames = got["z"].shape[-1]
     assert frames == model.num_frames(len(zs) * samples)  # every frame the pushed hops complete
     assert_equal_to_float32_rounding(got, {key: value[..., :frames] for key, value in offline.items()})
+
+
+def test_streaming_makes_its_state_on_the_models_device_not_the_default_one():
+    # On a GPU the frame position was made on the CPU, the default device, and index_select refused it: a
+    # CPU model under a "meta" default device fails the same way, and needs no GPU.
+    model, wav = streamable(), torch.randn(LENGTH)
+    offline, step = model.extract_features(wav), StreamingStep(model)
+    with torch.device("meta"), torch.no_grad():
+        pushed = streamed(model, wav, 1000)
+        state = step.initial_state()
+        step(wav[None, :model.config.stride], *state)
+    assert_equal_to_float32_rounding(pushed, offline)
+    assert {tensor.device.type for tensor in state} == {"cpu"}
 
 
 def test_the_streaming_step_starts_the_context_network_after_its_warmup():

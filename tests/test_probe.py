@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from audio import write_tone
-from scripts import run_script
+from scripts import TONE_LABELS, run_script
 from weights import save_weights
 
 import probe
@@ -85,6 +85,13 @@ def test_mfcc_probe_separates_low_and_high_tones(tmp_path):
     assert result["accuracy"] == 1.0 and result["macro_f1"] == 1.0
     assert (result["n_examples"], result["n_classes"], len(result["fold_accuracies"])) == (12, 2, 5)
     assert result["settings"]["checkpoint"] == "mfcc"
+
+
+def test_a_regression_probe_summary_counts_examples_and_names_no_classes(tones, capsys):
+    probe.main(["--data-dir", str(tones), "--labels", TONE_LABELS, "--checkpoint", "mfcc", "--task",
+                "regress", "--folds", "3"])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("all") and "48 examples, " in summary and "classes" not in summary
 
 
 def test_cached_features_are_reused_for_other_labels_and_renewed_when_a_file_changes(tmp_path, monkeypatch):

@@ -3,16 +3,14 @@ checkpoints, the clock, the collapse warning and stop requests."""
 
 import os
 import signal
-import socket
 
+import cluster_workers
 import pytest
 import torch
-import torch.multiprocessing as mp
-from cluster_workers import prepare_in_turn
-from scripts import load
+from scripts import load, spawn_ranks
 
 import training
-from model import Wav2Vec, Wav2VecConfig
+from model import UserError, Wav2Vec, Wav2VecConfig
 from training import lr_lambda, save_checkpoint
 
 # ----- distributed set-up -------------------------------------------------------------------------
@@ -20,15 +18,40 @@ from training import lr_lambda, save_checkpoint
 @pytest.mark.slow
 def test_ranks_wait_for_the_preparation_outside_the_default_group_node_by_node(tmp_path):
     # Ranks 0 and 1 on one node, rank 2 alone (its local rank 0) on another without a shared disk.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     order = tmp_path / "order.txt"
-    mp.spawn(prepare_in_turn, args=(port, [0, 1, 0], str(order)), nprocs=3)
+    spawn_ranks(cluster_workers.prepare_in_turn, [0, 1, 0], str(order), nprocs=3)
     assert order.read_text().split() == ["0", "2", "1"]
 
 
+@pytest.mark.slow
+def test_resume_refuses_ranks_that_read_different_checkpoints(tmp_path):
+    spawn_ranks(cluster_workers.resume_from_each_nodes_own_folder, str(tmp_path))
+
+
+def test_resume_on_a_node_without_the_runs_folder_says_it_must_be_shared(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match=r"no checkpoint at .* \(rank 1\).* a disk that every node shares"):
+        training.load_training_checkpoint(tmp_path / "latest.pt")
+
+
+@pytest.mark.parametrize("name, index", [("cuda:1", 1), ("cuda", 0)])
+def test_a_single_process_makes_its_gpu_the_current_device(monkeypatch, name, index):
+    # Without torchrun, --device cuda:1 left GPU 0 current, where the pin-memory thread opened a context.
+    made_current = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert training.setup_distributed(name).device == made_current[0] == torch.device("cuda", index)
+
+
 # ----- optimisation and checkpoints ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank():
+    spawn_ranks(cluster_workers.skip_a_non_finite_update)
+
 
 def test_learning_rate_warms_up_from_about_zero_then_follows_a_cosine_to_the_floor():
     factor = lr_lambda("cosine", warmup=10, total=110, min_ratio=0.01)
@@ -50,6 +73,13 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
     assert load(path) == {"step": 1}
 
 
+# ----- the training log ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_loader_wait_is_the_slowest_ranks(tmp_path):
+    spawn_ranks(cluster_workers.report_the_slowest_loader, str(tmp_path))
+
+
 # ----- the clock, the collapse warning and stop requests ------------------------------------------
 
 def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkeypatch):
@@ -61,7 +91,7 @@ def test_clock_saves_once_per_interval_and_continues_a_resumed_runs_count(monkey
     for second in range(0, 500, 10):
         now[0] = second
         clock.tick()
-        due += [progress.train_seconds] if clock.save_due() else []
+        due += [progress.train_seconds] if clock.save_due(clock.boundaries_passed()) else []
     assert due == [180.0, 240.0, 300.0, 360.0, 420.0, 480.0, 540.0, 600.0]
     assert clock.out_of_time and progress.train_seconds == 640.0
 

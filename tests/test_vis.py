@@ -15,7 +15,7 @@ from scripts import REPO
 import vis
 from demo import DEMO_LABELS, make_demo_corpus
 from labels import frame_label_names
-from model import Wav2Vec, Wav2VecConfig
+from model import UserError, Wav2Vec, Wav2VecConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -223,3 +223,34 @@ def test_a_fairseq_checkpoint_is_drawn_like_a_native_one(workspace, tmp_path):
     for name in SUMMARY_FIGURES[1:]:
         assert_png(out / name)
     assert not (out / "loss_curves.png").exists()  # fairseq keeps no loss history we can read
+
+
+def test_folder_labels_on_a_flat_folder_say_that_they_come_from_sub_folder_names(workspace, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for source in sorted(workspace["corpus"].glob("speaker00/*.wav")):
+        (flat / source.name).write_bytes(source.read_bytes())
+    with pytest.raises(UserError, match="folder labels are the names of the sub-folders"):
+        run_vis(workspace, tmp_path / "out", "--labels", "folder", data_dir=flat)
+
+
+def test_few_files_for_a_tsne_are_said_in_the_summary(folder_run):
+    summary = (folder_run / "summary.txt").read_text()
+    assert "Caution, the files' map: t-SNE of 9 points ran at perplexity 3" in summary
+    assert "the frames' map" not in summary  # 100 frames are enough
+
+
+def embeddings(utterances: np.ndarray) -> vis.Embeddings:
+    frames = np.random.default_rng(0).standard_normal((200, utterances.shape[1]))
+    return vis.Embeddings([str(i) for i in range(len(utterances))], [None] * len(utterances), utterances,
+                          frames, np.zeros(200, dtype=int), None, None, 200, 2.0, frames.T, [])
+
+
+def test_file_embeddings_along_one_direction_are_flagged_as_a_saturated_heatmap():
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal((100, 16))
+    along_a_line = np.outer(rng.standard_normal(100), rng.standard_normal(16)) + 0.05 * spread
+    shares = [vis.first_component_share(points) for points in (spread, along_a_line)]
+    assert shares[0] < 0.3 and shares[1] > 0.95
+    assert vis.cautions(embeddings(spread), shares[0]) == []
+    assert "lies along one direction" in vis.cautions(embeddings(along_a_line), shares[1])[0]

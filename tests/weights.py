@@ -9,6 +9,17 @@ from heads import Classifier, HeadConfig, Recognizer
 from model import Wav2Vec, Wav2VecConfig
 
 
+def recorded_load_locations(monkeypatch) -> list:
+    """The map_location of every torch.load from now on (None where none was given)."""
+    locations, load = [], torch.load
+
+    def recorded(*args, **kwargs):
+        locations.append(kwargs.get("map_location"))
+        return load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", recorded)
+    return locations
+
+
 def save_weights(model: Wav2Vec, path: Path) -> Path:
     torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
     return path
