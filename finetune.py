@@ -8,47 +8,33 @@ a speech recognizer.
     python finetune.py --task ctc --labels metadata.tsv --label-column phones --units tokens|chars ...
     python finetune.py predict --model runs/ft/finetuned.pt --data-dir NEW --output predictions.csv
 
-In Python: `Classifier.from_pretrained("runs/ft/finetuned.pt").predict(wav)` (wav: 16 kHz float array or a
-path) gives {"label", "probabilities"} or {"value"}; `Recognizer.from_pretrained(path).transcribe(wav)` a
-transcript.
+In Python: `Classifier.from_pretrained(path).predict(wav)` (a 16 kHz array or a path): {"label",
+"probabilities"} or {"value"}; `Recognizer.from_pretrained(path).transcribe(wav)`: a transcript.
 
 - --task ctc: speech recognition. The label column holds a transcript: --units tokens (space-separated
   symbols, e.g. phones) or chars (letters and apostrophes, case folded, | between words). The vocabulary
   is that of each fold's training files; a test transcript with another symbol is an error (--skip-unknown
   skips such files). Heads: linear (SUPERB's phone recognition) or bilstm (--hidden, --layers; --subsample
-  stacks frames into fewer outputs), CTC loss on length-bucketed batches of whole files, greedy decoding;
-  empty transcripts and files too short for their transcript are named and left out. Outputs: PER (tokens)
-  or CER and WER (chars), predictions.csv with the edits per file, posteriorgram.png.
+  stacks frames into fewer outputs), CTC loss on length-bucketed batches of whole files; empty transcripts
+  and files too short for theirs are named and left out. Decoding: greedy, or a beam search (--beam-size,
+  --lm) of the test files and predict's. PER (tokens) or CER and WER (chars), posteriorgram.png.
 
-- --checkpoint: a checkpoint of main.py or fairseq's wav2vec 1.0; `random:CKPT`: CKPT's network randomly
-  initialised (training from scratch with --freeze none: the baseline to compare CKPT with); `random`: the
-  same for the base network (512 channels); `mfcc`: 13 MFCCs + deltas per 10 ms frame under the same head
-  (a baseline in the same harness).
-- --labels: as probe.py: a TSV with `path` and a label column (--label-column), `folder`, `pattern:REGEX`
-  (a named group `label`), `fsdd-digit` / `fsdd-speaker`. --task regress needs numeric labels.
 - The head: the frames of `c`, `z` or a learned softmax-weighted sum of every context layer's output
   (`all`, as SUPERB), standardised per channel with statistics of the training files, pooled over the
   valid frames only (mean, mean+std or attentive statistics pooling), then a linear layer or a small MLP.
 - --freeze all: the backbone is frozen and its frames are computed once and cached, so the head trains in
   seconds. encoder: z is cached and the context network trains with the head. none: everything trains,
   the backbone at --backbone-lr and only after --freeze-updates updates, while the new head settles.
-- Batches: files of different lengths are padded and masked. The backbone runs on each file alone,
-  because its GroupNorm statistics span the whole input: padding would change every frame. Training crops
-  files longer than --crop-seconds at random; evaluation and prediction see whole files.
-- Augmentation (training only): --speed (speed perturbation), --augment (shift, gain, noise), both on the
-  waveform, so they turn the cache of --freeze all / encoder off; --mask-frames masks spans of frames.
-- Evaluation: --group-column COLUMN gives folds disjoint in that column (--folds 0: leave one group out,
-  else that many grouped folds); --split fsdd-official tests on FSDD repetitions 0-4; otherwise
-  stratified (classify) or plain (regress) k-fold. Each fold holds out --valid-fraction of its training
-  groups (or files) for early stopping; the best model on them is kept. A budget (--epochs, --max-updates,
-  --max-minutes) applies to each fold; --max-folds runs only the first folds.
-- --test-groups FILE_OR_LIST (with --group-column): one fixed test fold, the files of those groups.
-- Outputs in --output-dir: metrics.json (over all tested files, and per fold), predictions.csv (every
-  tested file: fold, true, predicted, probabilities), confusion_matrix.png or scatter.png, finetuned.pt
-  (the model of the fold with the best validation score, named in metrics.json's saved_model; the last
-  fold's without validation files: backbone config and weights, head, label names, the flags; loads with
-  torch.load(weights_only=True)), train.log and TensorBoard curves in tensorboard/. Each fold is saved in
-  folds/ as it ends; --resume takes the finished ones (of the same settings) and runs the rest.
+- Batches: padded and masked; the backbone runs on each file alone (its GroupNorm spans the whole input).
+  Training crops files longer than --crop-seconds at random; evaluation and prediction see whole files.
+  Augmentations of the waveform (--speed, --augment) turn the cache of --freeze all / encoder off.
+- Evaluation: --group-column COLUMN gives folds disjoint in it (--folds 0: one group out per fold;
+  --test-groups: one fixed test fold); --split fsdd-official tests on FSDD repetitions 0-4; otherwise
+  (stratified) k-fold. Each fold holds out --valid-fraction of its training groups (or files) for early
+  stopping, and keeps its best model. A budget (--epochs, --max-updates, --max-minutes) is per fold.
+- Outputs: metrics.json (all tested files, and per fold), predictions.csv, confusion_matrix.png or
+  scatter.png, finetuned.pt (the fold with the best validation score), train.log, tensorboard/, folds/
+  (each fold as it ends: --resume takes the finished ones of the same settings and runs the rest).
 """
 
 from __future__ import annotations
@@ -84,6 +70,7 @@ from batching import (
     set_feature_statistics,
 )
 from data import FRAME_HOP, SAMPLE_RATE, find_audio_files, load_audio
+from decoding import add_decoding_arguments, beam_settings, beam_wanted
 from features import BACKBONE_HELP, backbone_label, load_network
 from heads import Classifier, FineTuned, HeadConfig, Recognizer
 from labels import (
@@ -328,8 +315,8 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
         model.load_state_dict(best_state)
     else:
         best_update = update
-    metrics, predictions = evaluate(model, [inputs[i] for i in test_rows], data.targets[test_rows], stage,
-                                    device, autocast, args.batch_size)
+    metrics, predictions = test(args, model, [inputs[i] for i in test_rows], data.targets[test_rows], stage,
+                                device, autocast)
     metrics.update(updates=update, best_update=best_update, train_seconds=round(seconds, 1),
                    n_train=len(rows), n_valid=len(valid_rows), n_test=len(test_rows))
     if best is not None:
@@ -337,6 +324,19 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
     log.info("fold %s: %d updates in %.0f s (best at %d); test %s", name, update, seconds, best_update,
              summary(metrics))
     return FoldResult(model, predictions, metrics)
+
+
+def test(args: argparse.Namespace, model: FineTuned, inputs: Sequence, targets: np.ndarray, stage: str,
+         device: torch.device, autocast) -> tuple[dict, list[dict]]:
+    """(metrics, predictions) of the test files; with --beam-size or --lm the beam search's, with greedy
+    decoding's error rate beside them under "greedy" (validation, for early stopping, is always greedy)."""
+    metrics, predictions = evaluate(model, inputs, targets, stage, device, autocast, args.batch_size)
+    if not beam_wanted(args):
+        return metrics, predictions
+    greedy = {k: metrics[k] for k in (headline(model.config), "edits", "reference_length")}
+    model.beam_search(**beam_settings(args))
+    metrics, predictions = evaluate(model, inputs, targets, stage, device, autocast, args.batch_size)
+    return {**metrics, "greedy": greedy}, predictions
 
 
 def epoch_batches(args: argparse.Namespace, model: FineTuned, rows: np.ndarray, lengths: np.ndarray,
@@ -389,8 +389,6 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-
-
 def outcome_columns(config: HeadConfig, data: LabelledFiles, tested: list[tuple[str, np.ndarray, FoldResult]],
                     predictions: list[dict]) -> dict[str, list]:
     """predictions.csv's columns between the path and the prediction: the fold and the truth; for recognition
@@ -414,6 +412,11 @@ def write_outputs(args: argparse.Namespace, out: Path, data: LabelledFiles, desc
     predictions = [p for _, _, result in tested for p in result.predictions]
     targets = np.concatenate([data.targets[test] for _, test, _ in tested])
     metrics = score(config, targets, predictions)
+    if beam_wanted(args):
+        greedy = [result.metrics["greedy"] for _, _, result in tested]
+        edits, length = sum(g["edits"] for g in greedy), sum(g["reference_length"] for g in greedy)
+        metrics["greedy"] = {headline(config): 100 * edits / max(1, length), "edits": edits,
+                             "reference_length": length}
     metrics.update(evaluation=description, folds={name: result.metrics for name, _, result in tested},
                    n_tested=len(names), n_files=len(data.names), skipped=data.skipped,
                    settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
@@ -583,6 +586,11 @@ def predict(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     ensure_writable_file(args.output, "--output")
     model = FineTuned.from_pretrained(args.model, resolve_device(args.device))
+    if beam_wanted(args):
+        if not isinstance(model, Recognizer):
+            raise UserError(f"{args.model} is not a recognizer (--task ctc): --beam-size and --lm decode "
+                            "transcripts only; drop them.")
+        model.beam_search(**beam_settings(args))
     files = find_audio_files(args.data_dir)
     if not files:
         raise UserError(f"No audio files under {args.data_dir}; check --data-dir.")
@@ -615,7 +623,8 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     data.add_argument("--label-column", default="label",
                       help="TSV column (or pattern group) of the label; --task ctc: of the transcript")
     data.add_argument("--task", choices=("classify", "regress", "ctc"), default="classify",
-                      help="ctc: speech recognition, a transcript per file (CTC loss, greedy decoding)")
+                      help="ctc: speech recognition, a transcript per file (CTC loss; greedy or beam-search "
+                           "decoding)")
     data.add_argument("--units", choices=UNITS, default="tokens",
                       help="--task ctc: tokens (space-separated symbols, e.g. phones) or chars (letters and "
                            "apostrophes, case folded, | between words)")
@@ -688,6 +697,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     add_device_argument(evaluation)
     add_threads_argument(evaluation)
     add_progress_argument(evaluation)
+    add_decoding_arguments(parser)
     args = parser.parse_args(argv)
     if args.min_lr_ratio is not None:
         print("warning: --min-lr-ratio R is now --min-lr (R x --lr); the old name goes in the next release.",
@@ -700,6 +710,8 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     if args.split == "fsdd-official" and (args.group_column or args.test_groups):
         raise UserError("--split fsdd-official and --group-column or --test-groups are alternatives: "
                         "choose one.")
+    if beam_wanted(args) and args.task != "ctc":
+        raise UserError("--beam-size and --lm decode transcripts: they go with --task ctc.")
     heads = ("linear", "bilstm") if args.task == "ctc" else ("linear", "mlp")
     if args.head not in heads:
         raise UserError(f"--task {args.task} takes --head {' or '.join(heads)}, not {args.head}.")
@@ -719,6 +731,7 @@ def parse_predict_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="a finetuned.pt written by finetune.py")
     parser.add_argument("--data-dir", type=Path, required=True, help="folder searched recursively for audio")
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="the CSV to write")
+    add_decoding_arguments(parser)
     add_device_argument(parser)
     add_threads_argument(parser)
     add_progress_argument(parser)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import FRAME_HOP, SAMPLE_RATE
+from decoding import BEAM_SIZE, INSERTION_BONUS, LM_WEIGHT, BeamSearch
 from features import MFCC_WINDOW, load_waveform, mfcc
 from labels import detokenize
 from model import Wav2Vec, Wav2VecConfig, read_checkpoint
@@ -356,6 +357,15 @@ class Recognizer(FineTuned):
             self.rnn = BiLSTM(width, config.hidden, config.lstm_layers, config.dropout)
             width = 2 * config.hidden
         self.out = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, config.outputs))
+        self.beam: BeamSearch | None = None  # greedy decoding until beam_search() sets one
+
+    def beam_search(self, beam_size: int = BEAM_SIZE, lm: str | Path | None = None,
+                    lm_weight: float = LM_WEIGHT, insertion_bonus: float = INSERTION_BONUS) -> Recognizer:
+        """Decode with a CTC beam search of `beam_size` prefixes from now on (0: greedily again), with an
+        n-gram language model if `lm` names one (see decoding.py); returns the recognizer."""
+        self.beam = (BeamSearch(self.config.labels, self.config.units, beam_size, lm, lm_weight,
+                                insertion_bonus) if beam_size else None)
+        return self
 
     @property
     def shortest_input(self) -> int:
@@ -406,8 +416,14 @@ class Recognizer(FineTuned):
         return [self.config.labels[i - 1] for i in path]
 
     def describe(self, outputs: torch.Tensor, mask: torch.Tensor) -> list[dict]:
-        """Log-probabilities (B, T, V) and mask (B, T) -> {"transcript"} per row (greedy decoding)."""
-        paths = greedy_paths(outputs, self.output_lengths(mask.sum(-1)))
+        """Log-probabilities (B, T, V) and mask (B, T) -> {"transcript"} per row (greedy decoding, or the
+        beam search of beam_search())."""
+        lengths = self.output_lengths(mask.sum(-1))
+        if self.beam is not None:
+            rows = outputs.float().cpu().numpy()
+            return [{"transcript": self.beam(row[:length])} for row, length in zip(rows, lengths.tolist(),
+                                                                                   strict=True)]
+        paths = greedy_paths(outputs, lengths)
         return [{"transcript": detokenize(self.symbols(path), self.config.units)} for path in paths]
 
     @torch.no_grad()

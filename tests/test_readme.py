@@ -2,8 +2,10 @@
 ```bash block parses with X's own parser, without running and without the files it names; a `|` in a
 command is a shell pipe, never a way to write alternatives."""
 
+import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,14 @@ GUIDES = ["README.md", "docs/TRAINING.md", "docs/ON_DEVICE.md", "docs/DESIGN.md"
 OPERATORS = {"&&", "||", ";", "|", "&"}
 
 
+def tool(name: str) -> object:
+    """A script of tools/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def parse_finetune(argv: list[str]) -> object:
     if argv[:1] == ["predict"]:
         return finetune.parse_predict_args(argv[1:])
@@ -36,7 +46,7 @@ PARSERS = {
     "main.py": lambda argv: main.check_flags(main.build_parser().parse_args(argv)),
     "vis.py": vis.parse_args, "extract.py": extract.parse_args, "probe.py": probe.parse_args,
     "suite.py": suite.parse_args, "export.py": export.parse_args, "bench.py": bench.parse_args,
-    "finetune.py": parse_finetune,
+    "finetune.py": parse_finetune, "tools/ngram_lm.py": tool("ngram_lm").parse_args,
 }
 
 
