@@ -1,6 +1,7 @@
 """The entry scripts as tests run them: main.py with tiny flags in this process, finetune.py on the tones
 corpus (conftest.py), and any script in a process of its own."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -18,6 +19,14 @@ import main
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 TONE_LABELS = r"pattern:(?P<label>\d+)hz_(?P<speaker>[a-z]+)_\d+\.wav"  # conftest.py's tones
+
+
+def tool(name: str) -> object:
+    """tools/NAME.py (a script, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -3,15 +3,13 @@ greedy decoding misses, an LM pulls it towards what the transcripts say, and fin
 files and predict's alike, with greedy decoding's error rate beside the beam's."""
 
 import csv
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from scripts import REPO, TONE_LABELS, run_finetune, run_recognition
+from scripts import TONE_LABELS, run_finetune, run_recognition, tool
 
 import finetune
 from decoding import BeamSearch
@@ -22,9 +20,7 @@ pytest.importorskip("flashlight.lib.text.decoder", reason="flashlight-text has n
 from flashlight.lib.text.decoder.kenlm import KenLM  # noqa: E402
 from flashlight.lib.text.dictionary import Dictionary  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("ngram_lm", REPO / "tools" / "ngram_lm.py")
-ngram_lm = sys.modules["ngram_lm"] = importlib.util.module_from_spec(spec)  # a script, not a module
-spec.loader.exec_module(ngram_lm)
+ngram_lm = tool("ngram_lm")
 
 
 def log_probs(rows: list[list[float]]) -> np.ndarray:

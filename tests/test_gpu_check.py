@@ -1,14 +1,11 @@
 """tools/gpu_check.py on a machine without a GPU: it says so, and its table runner on stand-in steps."""
 
-import importlib.util
 import sys
 
 import torch
-from scripts import REPO
+from scripts import tool
 
-spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
-gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # a script, not a module
-spec.loader.exec_module(gpu_check)
+gpu_check = tool("gpu_check")
 
 
 def test_without_a_gpu_it_says_so_in_one_sentence_and_exits_with_2(monkeypatch, capsys, tmp_path):

@@ -2,13 +2,12 @@
 ```bash block parses with X's own parser, without running and without the files it names; a `|` in a
 command is a shell pipe, never a way to write alternatives."""
 
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import tool
 
 import bench
 import export
@@ -24,14 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 # The user's guides; docs/RESULTS.md records commands as they were run, old flag names included.
 GUIDES = ["README.md", "docs/TRAINING.md", "docs/ON_DEVICE.md", "docs/DESIGN.md"]
 OPERATORS = {"&&", "||", ";", "|", "&"}
-
-
-def tool(name: str) -> object:
-    """A script of tools/ (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_finetune(argv: list[str]) -> object:
