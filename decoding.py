@@ -67,7 +67,6 @@ class BeamSearch:
                  insertion_bonus: float = INSERTION_BONUS):
         try:
             from flashlight.lib.text import decoder as fl
-            from flashlight.lib.text.decoder.kenlm import KenLM
             from flashlight.lib.text.dictionary import Dictionary
         except ImportError:
             raise UserError("Beam search needs flashlight-text: pip install flashlight-text (or decode "
@@ -81,7 +80,7 @@ class BeamSearch:
             self.lexicon = False
             return
         words = Dictionary([*self.symbols, "<unk>"])
-        language_model = load_lm(KenLM, Path(lm), words)
+        language_model = load_lm(Path(lm), words)
         trie = fl.Trie(silence + 1, silence)
         start = language_model.start(False)
         for i, _ in enumerate(self.symbols):  # symbol i is the word i, spelled by output id i + 1
@@ -105,15 +104,15 @@ class BeamSearch:
         return detokenize([self.symbols[i] for i in ids], self.units)
 
 
-def load_lm(kenlm: type, path: Path, words):
-    """flashlight's KenLM (the class `kenlm`) of the file at `path` over the dictionary `words`, or a
-    UserError saying why not."""
+def load_lm(path: Path, words):
+    """flashlight's KenLM of the file at `path` over the dictionary `words`, or a UserError saying why not."""
+    from flashlight.lib.text.decoder.kenlm import KenLM
     if not path.is_file():
         raise UserError(f"No language model at {path}: give an ARPA or KenLM binary file (tools/ngram_lm.py "
                         "writes one).")
     try:
         with quiet_stderr():  # KenLM draws a progress bar of its own while it reads an ARPA file
-            return kenlm(str(path), words)
+            return KenLM(str(path), words)
     except Exception as error:  # KenLM's own exceptions are not exported to Python
         raise UserError(f"KenLM could not read {path} ({error}): give an ARPA or KenLM binary "
                         "file.") from None

@@ -328,15 +328,18 @@ def train_fold(args: argparse.Namespace, name: str, data: LabelledFiles, inputs:
 
 def test(args: argparse.Namespace, model: FineTuned, inputs: Sequence, targets: np.ndarray, stage: str,
          device: torch.device, autocast) -> tuple[dict, list[dict]]:
-    """(metrics, predictions) of the test files; with --beam-size or --lm the beam search's, with greedy
-    decoding's error rate beside them under "greedy" (validation, for early stopping, is always greedy)."""
-    metrics, predictions = evaluate(model, inputs, targets, stage, device, autocast, args.batch_size)
-    if not beam_wanted(args):
-        return metrics, predictions
-    greedy = {k: metrics[k] for k in (headline(model.config), "edits", "reference_length")}
+    """(metrics, predictions) of the test files: greedy, or a beam's with greedy's metrics under "greedy"."""
+    if not beam_wanted(args):  # (validation, for early stopping, is always greedy)
+        return evaluate(model, inputs, targets, stage, device, autocast, args.batch_size)
     model.beam_search(**beam_settings(args))
     metrics, predictions = evaluate(model, inputs, targets, stage, device, autocast, args.batch_size)
-    return {**metrics, "greedy": greedy}, predictions
+    return {**metrics, "greedy": greedy_metrics(model.config, targets, predictions)}, predictions
+
+
+def greedy_metrics(config: HeadConfig, targets: np.ndarray, predictions: list[dict]) -> dict:
+    """Error rate, edits and reference length of the greedy transcripts kept beside a beam search's."""
+    metrics = score(config, targets, [{"transcript": p["greedy"]} for p in predictions])
+    return {k: metrics[k] for k in (headline(config), "edits", "reference_length")}
 
 
 def epoch_batches(args: argparse.Namespace, model: FineTuned, rows: np.ndarray, lengths: np.ndarray,
@@ -413,10 +416,7 @@ def write_outputs(args: argparse.Namespace, out: Path, data: LabelledFiles, desc
     targets = np.concatenate([data.targets[test] for _, test, _ in tested])
     metrics = score(config, targets, predictions)
     if beam_wanted(args):
-        greedy = [result.metrics["greedy"] for _, _, result in tested]
-        edits, length = sum(g["edits"] for g in greedy), sum(g["reference_length"] for g in greedy)
-        metrics["greedy"] = {headline(config): 100 * edits / max(1, length), "edits": edits,
-                             "reference_length": length}
+        metrics["greedy"] = greedy_metrics(config, targets, predictions)
     metrics.update(evaluation=description, folds={name: result.metrics for name, _, result in tested},
                    n_tested=len(names), n_files=len(data.names), skipped=data.skipped,
                    settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})

@@ -416,15 +416,16 @@ class Recognizer(FineTuned):
         return [self.config.labels[i - 1] for i in path]
 
     def describe(self, outputs: torch.Tensor, mask: torch.Tensor) -> list[dict]:
-        """Log-probabilities (B, T, V) and mask (B, T) -> {"transcript"} per row (greedy decoding, or the
-        beam search of beam_search())."""
+        """Log-probabilities (B, T, V) and mask (B, T) -> {"transcript"} per row by greedy decoding, or by the
+        beam search of beam_search() with greedy's transcript beside it under "greedy"."""
         lengths = self.output_lengths(mask.sum(-1))
-        if self.beam is not None:
-            rows = outputs.float().cpu().numpy()
-            return [{"transcript": self.beam(row[:length])} for row, length in zip(rows, lengths.tolist(),
-                                                                                   strict=True)]
         paths = greedy_paths(outputs, lengths)
-        return [{"transcript": detokenize(self.symbols(path), self.config.units)} for path in paths]
+        greedy = [detokenize(self.symbols(path), self.config.units) for path in paths]
+        if self.beam is None:
+            return [{"transcript": transcript} for transcript in greedy]
+        rows = outputs.float().cpu().numpy()  # the beam's transcript, and greedy's of the same outputs
+        return [{"transcript": self.beam(row[:length]), "greedy": transcript}
+                for row, length, transcript in zip(rows, lengths.tolist(), greedy, strict=True)]
 
     @torch.no_grad()
     def recognize(self, wav: np.ndarray | torch.Tensor | str | Path, sample_rate: int = SAMPLE_RATE
