@@ -78,6 +78,8 @@ def test_ngram_lm_leaves_the_excluded_groups_transcripts_out(tmp_path, capsys):
     with pytest.raises(UserError, match="None of the groups in nobody is in the column `speaker`"):
         ngram_lm.main(["--labels", str(tsv), "--label-column", "letters", "--group-column", "speaker",
                        "--exclude-groups", "nobody", "--output", str(tmp_path / "lm.arpa")])
+    with pytest.raises(UserError, match="--output .* is a folder: give the path of a file"):
+        ngram_lm.main(["--labels", str(tsv), "--label-column", "letters", "--output", str(tmp_path)])
 
 
 def test_a_language_model_pulls_the_beam_towards_the_sequences_it_knows(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from labels import UNITS, read_group_list, read_label_table, tokenize  # noqa: E402 (after the path)
-from utils import HelpFormatter, UserError, run_cli  # noqa: E402
+from utils import HelpFormatter, UserError, ensure_writable_file, run_cli  # noqa: E402
 
 START, END, UNKNOWN = "<s>", "</s>", "<unk>"
 
@@ -135,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    ensure_writable_file(args.output, "--output")
     sentences = transcripts(args)
     if not sentences:
         raise UserError(f"No transcripts in the column `{args.label_column}` of {args.labels}.")
